@@ -1,0 +1,204 @@
+"""Engine configuration: every user option validated once, then read-only.
+
+What is only learned at run time (the KV block count all ranks agreed on, EOS ids, the attention backend)
+lives in result objects elsewhere, never written back here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+_MEMORY_UNITS = {
+    "": 1, "b": 1,
+    "k": 10**3, "kb": 10**3, "kib": 2**10,
+    "m": 10**6, "mb": 10**6, "mib": 2**20,
+    "g": 10**9, "gb": 10**9, "gib": 2**30,
+    "t": 10**12, "tb": 10**12, "tib": 2**40,
+}  # fmt: skip
+
+
+def parse_memory(value: int | float | str, name: str = "kv_cache_memory") -> int:
+    """Bytes from an int or a string like ``"2GiB"``, ``"512MB"``, ``"1.5G"``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: expected bytes or a size like '2GiB', got {value!r}")
+    if isinstance(value, (int, float)):
+        n = int(value)
+    elif isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if not m or m.group(2).lower() not in _MEMORY_UNITS:
+            raise ValueError(f"{name}: cannot parse {value!r}; use bytes or a size like '2GiB', '512MB'")
+        n = int(float(m.group(1)) * _MEMORY_UNITS[m.group(2).lower()])
+    else:
+        raise ValueError(f"{name}: expected bytes or a size like '2GiB', got {value!r}")
+    if n <= 0:
+        raise ValueError(f"{name}: must be positive, got {value!r}")
+    return n
+
+
+def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
+    """'auto' is float32 on CPU (fast GEMMs without native bf16, exact parity with the fp32 reference) and the
+    checkpoint's half type on CUDA (bfloat16 when the checkpoint is fp32)."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"dtype: unsupported {dtype}; choose one of auto, float32, bfloat16, float16")
+        return dtype
+    if dtype == "auto":
+        if device == "cpu":
+            return torch.float32
+        return checkpoint_dtype if checkpoint_dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype: unknown {dtype!r}; choose one of auto, float32, bfloat16, float16")
+    return _DTYPES[dtype]
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """All options of one engine. Build with :meth:`create`, which validates and resolves defaults."""
+
+    model: str
+    tokenizer: str
+    hf_config: Any = field(repr=False, compare=False)
+    tensor_parallel_size: int = 1
+    dtype: torch.dtype = torch.float32
+    device: str = "cpu"
+    max_model_len: int = 2048
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+    block_size: int = 16
+    kv_cache_memory: int | None = None  # bytes per rank; None: a share of the host's available memory
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    distributed_init: str = "spawn"  # "spawn": start local workers; "env": torchrun-style environment
+
+    @classmethod
+    def create(
+        cls,
+        model: str,
+        *,
+        tokenizer: str | None = None,
+        tensor_parallel_size: int = 1,
+        dtype: str | torch.dtype = "auto",
+        device: str = "auto",
+        max_model_len: int | None = None,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int | None = None,
+        enable_chunked_prefill: bool = True,
+        block_size: int = 16,
+        kv_cache_memory: int | str | None = None,
+        gpu_memory_utilization: float = 0.9,
+        enable_prefix_caching: bool = True,
+        seed: int = 0,
+        distributed_init: str = "auto",
+    ) -> EngineConfig:
+        from nanoserve.platform import resolve_device
+
+        model_path = check_model_path(model)
+        hf_config = load_hf_config(model_path)
+        device = resolve_device(device)
+        _positive_int(tensor_parallel_size, "tensor_parallel_size")
+        _positive_int(max_num_seqs, "max_num_seqs")
+        _positive_int(block_size, "block_size")
+        if block_size > 1024:
+            raise ValueError(f"block_size: must be <= 1024, got {block_size}")
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise ValueError(f"seed: must be an integer, got {seed!r}")
+        if not (isinstance(gpu_memory_utilization, (int, float)) and 0 < gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization: must be in (0, 1], got {gpu_memory_utilization!r}")
+        kv_bytes = None if kv_cache_memory is None else parse_memory(kv_cache_memory)
+        checkpoint_dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
+        torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+
+        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+        if max_model_len is None:
+            max_model_len = limit
+        _positive_int(max_model_len, "max_model_len")
+        if max_model_len > limit:
+            raise ValueError(
+                f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({limit}); "
+                f"pass max_model_len <= {limit}"
+            )
+        if max_num_batched_tokens is None:
+            # Chunked prefill keeps steps short; without it a whole prompt must fit in one step.
+            max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
+        _positive_int(max_num_batched_tokens, "max_num_batched_tokens")
+        if not enable_chunked_prefill and max_num_batched_tokens < max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({max_num_batched_tokens}) < max_model_len ({max_model_len}) needs "
+                "chunked prefill; enable it or raise max_num_batched_tokens"
+            )
+        if distributed_init == "auto":
+            distributed_init = "env" if _launched_by_torchrun() else "spawn"
+        if distributed_init not in ("spawn", "env"):
+            raise ValueError(f"distributed_init: choose 'auto', 'spawn' or 'env', got {distributed_init!r}")
+        return cls(
+            model=str(model_path),
+            tokenizer=str(check_model_path(tokenizer)) if tokenizer else str(model_path),
+            hf_config=hf_config,
+            tensor_parallel_size=tensor_parallel_size,
+            dtype=torch_dtype,
+            device=device,
+            max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_chunked_prefill=bool(enable_chunked_prefill),
+            block_size=block_size,
+            kv_cache_memory=kv_bytes,
+            gpu_memory_utilization=float(gpu_memory_utilization),
+            enable_prefix_caching=bool(enable_prefix_caching),
+            seed=seed,
+            distributed_init=distributed_init,
+        )
+
+
+def check_model_path(model: str | os.PathLike) -> Path:
+    """A local checkpoint directory; nanoserve never downloads."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ValueError(
+            f"model {str(model)!r} is not a local directory. nanoserve does not download checkpoints: "
+            "download one first (e.g. `huggingface-cli download ORG/NAME --local-dir DIR`) and pass DIR, "
+            "or omit the model to use the built-in demo checkpoint."
+        )
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {str(path)!r} has no config.json; is it a Hugging Face checkpoint?")
+    return path
+
+
+def load_hf_config(path: Path) -> Any:
+    """The checkpoint's config through transformers' AutoConfig, which reads both the 4.x shape
+    (``rope_theta``/``rope_scaling``/``torch_dtype``) and the 5.x shape (``rope_parameters``/``dtype``)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path))
+    except Exception as exc:  # transformers raises a zoo of types here; normalise to one clear error
+        raise ValueError(f"cannot read config.json of {str(path)!r}: {exc}") from exc
+
+
+def _positive_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _launched_by_torchrun() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))

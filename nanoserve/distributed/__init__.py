@@ -1,0 +1,1 @@
+"""Tensor parallelism: process groups, worker processes, and the KV capacity agreement."""

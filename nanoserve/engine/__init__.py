@@ -1,0 +1,1 @@
+"""Requests, scheduling and the engine loop (no torch below the runner boundary)."""

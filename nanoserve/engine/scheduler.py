@@ -1,0 +1,237 @@
+"""Continuous batching under a per-step token budget, with chunked prefill and preemption by recompute.
+
+Each step, running sequences go first (oldest first): each asks for the tokens it has not computed yet —
+one for a decoding sequence, a chunk for a long prompt. If the KV cache cannot hold them, the newest running
+sequence is preempted (its blocks freed, its tokens kept to be recomputed later). Then, if nothing was
+preempted, waiting sequences are admitted first-come-first-served while budget, ``max_num_seqs`` and blocks
+allow. The decisions leave as a :class:`SchedulerOutput`; the sampled tokens come back through
+:meth:`Scheduler.update_from_output`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanoserve.engine.sequence import Sequence, SequenceStatus
+from nanoserve.kvcache.block_manager import BlockManager
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """One sequence's work in a step; also what crosses to tensor-parallel workers.
+
+    Size on the wire: a few ints plus the chunk's token ids and only the block ids added since the last
+    message — about 8 bytes per token per prefill chunk and ~40 bytes per decoding sequence per step.
+    """
+
+    seq_id: int
+    start: int  # position of token_ids[0]; tokens before it already have KV in the cache
+    token_ids: list[int]
+    block_ids: list[int]  # blocks appended since the last message (the whole table when ``reset``)
+    reset: bool  # the runner has no table for this sequence (new, or back from preemption)
+    sample: bool  # the chunk ends the sequence's known tokens: sample the next one from its last position
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    released_seq_ids: list[int]  # sequences the runner should forget (finished, aborted, preempted)
+    seqs: list[Sequence] = field(default_factory=list)  # driver-side twin of ``chunks``; never sent
+    num_preempted: int = 0
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+
+
+class Scheduler:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager, eos_token_ids: set[int]) -> None:
+        self.limits = limits
+        self.block_manager = block_manager
+        self.eos_token_ids = set(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._released: list[int] = []
+        self.num_admitted = 0
+        self.num_finished = 0
+        self.num_preemptions = 0
+        self.finished_in_step: list[Sequence] = []  # drained by the engine after each step
+
+    # ---- intake and exits ----------------------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.num_admitted += 1
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        """End ``seq`` (any state) and return its blocks at once."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        if seq.block_ids:
+            self.block_manager.free(seq)
+        if seq.num_blocks_sent:
+            self._released.append(seq.seq_id)
+        seq.num_blocks_sent = 0
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+        self.num_finished += 1
+        self.finished_in_step.append(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        if seq.num_blocks_sent:
+            self._released.append(seq.seq_id)
+        seq.num_blocks_sent = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    # ---- the step ------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        budget = self.limits.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        num_preempted = 0
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            while not self.block_manager.append_slots(seq, num_new):
+                if len(self.running) == 1:
+                    # Alone and still out of blocks: the cache can never hold this sequence's next token.
+                    self.finish(seq, "length")
+                    break
+                victim = self.running[-1]
+                self._preempt(victim)
+                num_preempted += 1
+                if victim is seq:
+                    break
+            else:
+                scheduled.append((seq, num_new))
+                budget -= num_new
+                i += 1
+                continue
+            # seq was finished or preempted; the element now at index i (if any) is the next one
+
+        if num_preempted == 0:
+            budget = self._admit(budget, scheduled)
+
+        chunks = [self._chunk(seq, n) for seq, n in scheduled]
+        released, self._released = self._released, []
+        return SchedulerOutput(chunks, released, [s for s, _ in scheduled], num_preempted)
+
+    def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
+        bm = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            sibling = seq.first_sibling
+            if sibling is not None and not sibling.is_finished:
+                if sibling.num_computed_tokens < sibling.num_prompt_tokens:
+                    break  # wait one step or two: then we share its prompt blocks instead of recomputing
+            reused = bm.find_cached_prefix(seq)
+            shareable = (seq.num_prompt_tokens - 1) // bm.block_size
+            if (
+                sibling is not None
+                and len(reused) < shareable
+                and sibling.num_computed_tokens >= shareable * bm.block_size
+                and len(sibling.block_ids) >= shareable
+                and sibling.token_ids[: seq.num_prompt_tokens] == seq.token_ids[: seq.num_prompt_tokens]
+            ):
+                reused = sibling.block_ids[:shareable]
+            remaining = len(seq.token_ids) - len(reused) * bm.block_size
+            if remaining > budget and not self.limits.enable_chunked_prefill:
+                break
+            num_new = min(remaining, budget)
+            if not bm.allocate(seq, reused, num_new):
+                break
+            if seq.num_preemptions == 0:
+                bm.record_lookup(seq.num_prompt_tokens, len(reused) * bm.block_size)
+                seq.num_cached_prompt_tokens = len(reused) * bm.block_size
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append((seq, num_new))
+            budget -= num_new
+        return budget
+
+    @staticmethod
+    def _chunk(seq: Sequence, num_new: int) -> ScheduledChunk:
+        start = seq.num_computed_tokens
+        reset = seq.num_blocks_sent == 0
+        chunk = ScheduledChunk(
+            seq_id=seq.seq_id,
+            start=start,
+            token_ids=seq.token_ids[start : start + num_new],
+            block_ids=seq.block_ids[seq.num_blocks_sent :],
+            reset=reset,
+            sample=start + num_new == len(seq.token_ids),
+        )
+        seq.num_blocks_sent = len(seq.block_ids)
+        return chunk
+
+    def update_from_output(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens (one per sampling chunk, in order) and apply the
+        token-level stop rules. Returns the sequences that received a token."""
+        bm = self.block_manager
+        tokens = iter(sampled_token_ids)
+        advanced: list[Sequence] = []
+        for chunk, seq in zip(output.chunks, output.seqs):
+            if chunk.sample:
+                token = next(tokens)
+            if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed_tokens += len(chunk.token_ids)
+            bm.cache_full_blocks(seq)
+            if not chunk.sample:
+                continue
+            seq.token_ids.append(token)
+            advanced.append(seq)
+            self._check_stop(seq, token)
+        return advanced
+
+    def _check_stop(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        if seq.num_output_tokens >= params.min_tokens:
+            if not params.ignore_eos and token in self.eos_token_ids:
+                self.finish(seq, "stop")
+                return
+            if token in params.stop_token_ids:
+                self.finish(seq, "stop", stop_reason=token)
+                return
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            self.finish(seq, "length")
+        elif len(seq.token_ids) >= self.limits.max_model_len:
+            self.finish(seq, "length")
+
+    # ---- checks --------------------------------------------------------------------------------------
+    def check_integrity(self) -> None:
+        holders = list(self.running) + [s for s in self.waiting if s.block_ids]
+        self.block_manager.check_integrity(holders)
+        assert all(s.status is SequenceStatus.RUNNING for s in self.running)
+        assert all(s.status is SequenceStatus.WAITING for s in self.waiting)
+        assert len(self.waiting) + len(self.running) + self.num_finished == self.num_admitted, (
+            "a sequence was lost: waiting + running + finished != admitted"
+        )

@@ -1,0 +1,54 @@
+"""A sequence is one sample of one request: its tokens, how many have KV computed, and its blocks."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from nanoserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens catch up under the scheduler: ``num_computed_tokens`` (KV written) trails ``len(token_ids)``.
+
+    There is no prefill or decode phase: a fresh prompt has many uncomputed tokens, a decoding sequence has
+    one (the token sampled last step), a preempted one has all of them again.
+    """
+
+    seq_id: int
+    request_id: str
+    sample_index: int  # 0..n-1 within its request
+    token_ids: list[int]
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival_time: float = 0.0
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # memo of full-block hashes (prefix caching)
+    num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    first_sibling: Sequence | None = None  # sample 0 of the same request, whose prompt blocks we share
+    # How many of block_ids the runner has been told about; 0 forces a full resend (new or preempted).
+    num_blocks_sent: int = 0
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED

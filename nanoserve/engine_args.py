@@ -1,0 +1,52 @@
+"""Engine options as command-line flags, shared by every subcommand that builds an engine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="local Hugging Face checkpoint directory (default: the built-in demo model, random weights)")
+    g = parser.add_argument_group("engine")
+    g.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model's)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="number of ranks to split the model over")
+    g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, half on CUDA) | float32 | bfloat16 | float16")
+    g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (prompt + output); default: the model's")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running in one step")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")
+    g.add_argument("--no-chunked-prefill", action="store_true", help="run each prompt in one step")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    g.add_argument("--kv-cache-memory", default=None,
+                   help="KV cache budget per rank, bytes or e.g. '2GiB' (default: a share of available host memory)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of device memory to use")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(
+        tokenizer=args.tokenizer,
+        tensor_parallel_size=args.tensor_parallel_size,
+        dtype=args.dtype,
+        device=args.device,
+        max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        enable_chunked_prefill=not args.no_chunked_prefill,
+        block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def resolve_model(model: str | None) -> str:
+    if model is None:
+        from nanoserve.demo import demo_model_path
+
+        return demo_model_path()
+    return model

@@ -1,0 +1,1 @@
+"""Building blocks of the models: tensor-parallel linears, attention, rotary, norms, sampler."""

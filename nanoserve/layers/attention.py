@@ -1,0 +1,120 @@
+"""Paged attention: store each step's new K/V into their cache slots, then attend over each sequence's blocks.
+
+The cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, head_dim]`` (K then V). A
+token at position ``p`` of a sequence with block table ``bt`` lives in slot ``bt[p // B] * B + p % B``.
+
+Backends are registered by name; ``torch_sdpa`` (pure PyTorch) is the reference every faster backend is
+tested against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class AttentionMetadata:
+    """How the flattened tokens of one step map onto sequences and cache slots.
+
+    Tokens are ordered decodes first (one query token each), then prefill chunks. Built once per step by the
+    model runner and passed down explicitly; layers never look it up from a global.
+    """
+
+    slot_mapping: torch.Tensor  # [T] long: cache slot of each new token
+    num_decode_tokens: int  # the first D tokens are single-token decodes
+    decode_block_tables: torch.Tensor  # [D, max_blocks] long (padding: 0)
+    decode_context_lens: torch.Tensor  # [D] long: tokens to attend to, including the new one
+    # Prefill chunks, one entry each (python ints: iterated on the host anyway).
+    prefill_query_starts: list[int]  # offset of the chunk in the flattened tokens
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]  # start + query_len
+    prefill_block_tables: list[torch.Tensor]  # [num_blocks_of_seq] long each
+    decode_max_context: int = 0
+
+
+AttentionBackend = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
+]
+_BACKENDS: dict[str, AttentionBackend] = {}
+
+
+def register_backend(name: str) -> Callable[[AttentionBackend], AttentionBackend]:
+    def wrap(fn: AttentionBackend) -> AttentionBackend:
+        _BACKENDS[name] = fn
+        return fn
+
+    return wrap
+
+
+def get_backend(name: str) -> AttentionBackend:
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(sorted(_BACKENDS))}")
+    return _BACKENDS[name]
+
+
+@register_backend("torch_sdpa")
+def torch_sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, already rotated); returns [T, Hq, D]."""
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
+    k_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)
+    v_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    gqa = q.shape[1] != num_kv_heads
+
+    n_dec = meta.num_decode_tokens
+    if n_dec:
+        # Gather each decoding sequence's blocks into a dense [D, L, Hkv, Dh] view and mask the tail.
+        tables = meta.decode_block_tables[:, : -(-meta.decode_max_context // block_size)]
+        keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
+        values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [D, 1, 1, L]
+        o = F.scaled_dot_product_attention(
+            q[:n_dec].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
+        )  # [D, Hq, 1, Dh]
+        out[:n_dec] = o.squeeze(2)
+
+    for start, q_len, ctx_len, table in zip(
+        meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables
+    ):
+        qs = q[start : start + q_len].transpose(0, 1)  # [Hq, n, Dh]
+        if ctx_len == q_len:
+            # No cached prefix: attend to this step's own keys, no gather needed.
+            ks = k[start : start + q_len].transpose(0, 1)
+            vs = v[start : start + q_len].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            slots = kv_cache[0][table].flatten(0, 1)[:ctx_len]  # [ctx, Hkv, Dh]
+            ks = slots.transpose(0, 1)
+            vs = kv_cache[1][table].flatten(0, 1)[:ctx_len].transpose(0, 1)
+            # Query i sits at position ctx_len - q_len + i and sees keys up to and including it.
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+        out[start : start + q_len] = o.transpose(0, 1)
+    return out
+
+
+class Attention(nn.Module):
+    """Attention over the paged cache of one layer. The cache tensor is bound once at start-up."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: str) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.backend = get_backend(backend)
+        self.kv_cache = torch.empty(0)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.backend(q, k, v, self.kv_cache, meta, self.scale)

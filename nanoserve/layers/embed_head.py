@@ -1,0 +1,52 @@
+"""Vocabulary-parallel token embedding and LM head: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoserve.distributed.parallel_state import TPGroup
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [r * shard, (r+1) * shard) of the (padded) vocabulary; lookups outside the slice give
+    zeros and the all-reduce fills them in from the owning rank."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__()
+        self.tp = tp
+        self.vocab_size = vocab_size
+        self.shard_size = -(-vocab_size // tp.size)  # pad so every rank holds the same count
+        self.vocab_start = tp.rank * self.shard_size
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        end = min(self.vocab_start + self.shard_size, self.vocab_size)
+        if end > self.vocab_start:
+            param.data[: end - self.vocab_start].copy_(loaded[self.vocab_start : end])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.shard_size)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y.masked_fill_(outside.unsqueeze(-1), 0)
+        return self.tp.all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for this rank's vocabulary slice, gathered to full width on every rank."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__(vocab_size, hidden_size, dtype, tp)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, H] -> logits [N, V]
+        logits = F.linear(hidden, self.weight)
+        if self.tp.size > 1:
+            logits = self.tp.all_gather(logits, dim=-1)
+        return logits[:, : self.vocab_size]

@@ -1,0 +1,138 @@
+"""Linear layers split across tensor-parallel ranks.
+
+Each parameter carries a ``weight_loader(param, loaded, shard_id)`` that copies *this rank's* slice of a
+checkpoint tensor into it, so the loader never materialises the whole model on one rank. ``loaded`` may be a
+safetensors slice: only the indexed part is read from disk.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoserve.distributed.parallel_state import TPGroup, divide
+
+
+def _rows(loaded: Any, start: int, size: int) -> torch.Tensor:
+    return loaded[start : start + size]
+
+
+def _cols(loaded: Any, start: int, size: int) -> torch.Tensor:
+    return loaded[:, start : start + size]
+
+
+class LinearBase(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        param.data.copy_(loaded[:])
+
+
+class ColumnParallelLinear(LinearBase):
+    """y = x W^T with W's output rows split across ranks; each rank produces its slice of y."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        self.tp = tp
+        super().__init__(in_features, divide(out_features, tp.size, "output size"), bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        size = param.shape[0]
+        param.data.copy_(_rows(loaded, self.tp.rank * size, size))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs fused into one matmul (gate and up projections)."""
+
+    def __init__(self, in_features: int, out_sizes: list[int], bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        self.out_sizes = [divide(s, tp.size, "intermediate_size") for s in out_sizes]
+        super().__init__(in_features, sum(out_sizes), bias, dtype, tp)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int = 0) -> None:
+        size = self.out_sizes[shard_id]
+        offset = sum(self.out_sizes[:shard_id])
+        param.data[offset : offset + size].copy_(_rows(loaded, self.tp.rank * size, size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection split by heads. With fewer KV heads than ranks, KV heads are replicated:
+    rank r holds KV head ``r // (tp_size // num_kv_heads)``."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+        dtype: torch.dtype, tp: TPGroup,
+    ) -> None:  # fmt: skip
+        self.head_dim = head_dim
+        self.num_heads = divide(num_heads, tp.size, "num_attention_heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = divide(num_kv_heads, tp.size, "num_key_value_heads")
+            self.kv_replicas = 1
+        else:
+            if tp.size % num_kv_heads:
+                raise ValueError(
+                    f"num_key_value_heads ({num_kv_heads}) must divide tensor_parallel_size ({tp.size}) "
+                    "when it is smaller than it"
+                )
+            self.num_kv_heads = 1
+            self.kv_replicas = tp.size // num_kv_heads
+        self.tp = tp
+        out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
+        LinearBase.__init__(self, hidden_size, out, bias, dtype)
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str = "q") -> None:
+        if shard_id == "q":
+            offset, size, start = 0, self.q_size, self.tp.rank * self.q_size
+        else:
+            kv_rank = self.tp.rank // self.kv_replicas
+            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
+            size, start = self.kv_size, kv_rank * self.kv_size
+        param.data[offset : offset + size].copy_(_rows(loaded, start, size))
+
+
+class RowParallelLinear(LinearBase):
+    """y = x W^T with W's input columns split across ranks; partial sums are all-reduced.
+    The bias is added once, after the reduction."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        self.tp = tp
+        super().__init__(divide(in_features, tp.size, "input size"), out_features, bias, dtype)
+
+    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if param.dim() == 1:  # bias: replicated
+            param.data.copy_(loaded[:])
+            return
+        size = param.shape[1]
+        param.data.copy_(_cols(loaded, self.tp.rank * size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)
+        self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,98 @@
+"""The offline facade: ``LLM(model).generate(prompts, sampling_params)``, shaped like vLLM's."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from nanoserve.config import EngineConfig
+from nanoserve.engine.llm_engine import LLMEngine, Prompt
+from nanoserve.outputs import RequestOutput
+from nanoserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """Load a checkpoint and generate. ``model=None`` uses the built-in demo checkpoint (random weights).
+
+    Options (all validated): ``tensor_parallel_size``, ``dtype`` ("auto" = float32 on CPU), ``device``
+    ("auto" | "cpu" | "cuda"), ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
+    ``enable_chunked_prefill``, ``block_size``, ``kv_cache_memory`` (per rank: bytes or "2GiB"),
+    ``gpu_memory_utilization`` (CUDA), ``enable_prefix_caching``, ``seed``.
+    """
+
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if model is None:
+            from nanoserve.demo import demo_model_path
+
+            model = demo_model_path()
+        self.config = EngineConfig.create(model, **kwargs)
+        self.engine = LLMEngine(self.config)
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def kv_cache_info(self) -> dict:
+        """The agreed KV block count, each rank's own estimate and what each rank really allocated."""
+        return self.engine.kv_cache_info()
+
+    def generate(
+        self,
+        prompts: Prompt | SequenceABC[Prompt],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order. Every prompt is checked before any
+        is queued, so a bad one raises ValueError (naming its index) and nothing is left behind."""
+        if isinstance(prompts, (str, dict)) or (
+            isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], int)
+        ):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params_list = [sampling_params] * len(prompts)
+        else:
+            params_list = list(sampling_params)
+            if len(params_list) != len(prompts):
+                raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
+        engine = self.engine
+        for i, prompt in enumerate(prompts):
+            try:
+                _, ids = engine.tokenize_prompt(prompt)
+                engine.check_prompt_fits(len(ids))
+            except ValueError as exc:
+                raise ValueError(f"prompt {i}: {exc}") from None
+        order: dict[str, int] = {}
+        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+            request_id = str(next(self._ids))
+            engine.add_request(request_id, prompt, params)
+            order[request_id] = i
+        results: list[RequestOutput | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while any(r is None for r in results):
+                for out in engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        bar.update(1)
+        except BaseException:
+            for request_id in order:
+                engine.abort_request(request_id)
+            raise
+        finally:
+            bar.close()
+        return results  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

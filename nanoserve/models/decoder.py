@@ -1,0 +1,164 @@
+"""The pre-norm decoder shared by the Llama, Qwen2 and Qwen3 families; each family differs only in flags
+(qkv bias, per-head q/k norm), so their model files stay a few lines each."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.layers.attention import Attention, AttentionMetadata
+from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanoserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanoserve.layers.norm import RMSNorm
+from nanoserve.layers.rotary import RotaryEmbedding
+
+
+@dataclass(frozen=True)
+class DecoderFlags:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a model needs to build its layers besides the Hugging Face config."""
+
+    dtype: torch.dtype
+    tp: TPGroup
+    attention_backend: str
+    max_position: int
+
+
+def head_dim_of(hf_config: Any) -> int:
+    return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+        super().__init__()
+        head_dim = head_dim_of(hf_config)
+        self.qkv_proj = QKVParallelLinear(
+            hf_config.hidden_size, head_dim, hf_config.num_attention_heads,
+            hf_config.num_key_value_heads, flags.qkv_bias, ctx.dtype, ctx.tp,
+        )  # fmt: skip
+        self.o_proj = RowParallelLinear(
+            hf_config.num_attention_heads * head_dim, hf_config.hidden_size, flags.o_bias, ctx.dtype, ctx.tp
+        )
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = head_dim
+        if flags.qk_norm:
+            self.q_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
+            self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
+        else:
+            self.q_norm = self.k_norm = None
+        self.rotary = RotaryEmbedding(head_dim, ctx.max_position, hf_config, ctx.dtype)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
+        k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
+        v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.attn(q, k, v.contiguous(), meta)  # [T, Hq, D]
+        return self.o_proj(o.flatten(1))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+        super().__init__()
+        inter = hf_config.intermediate_size
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hf_config.hidden_size, [inter, inter], flags.mlp_bias, ctx.dtype, ctx.tp
+        )
+        self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, flags.mlp_bias, ctx.dtype, ctx.tp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+        super().__init__()
+        self.self_attn = DecoderAttention(hf_config, flags, ctx)
+        self.mlp = DecoderMLP(hf_config, flags, ctx)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
+
+    def forward(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(positions, x, meta)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, flags, ctx) for _ in range(hf_config.num_hidden_layers))
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer in self.layers:
+            x, residual = layer(positions, x, residual, meta)
+        x, _ = self.norm(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    """Checkpoint tensor names map onto this module's parameters; fused projections are listed in
+    ``packed_modules_mapping`` (checkpoint name -> (our parameter, shard id))."""
+
+    flags = DecoderFlags()
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, hf_config: Any, ctx: BuildContext) -> None:
+        super().__init__()
+        flags = self.flags_for(hf_config)
+        self.model = DecoderModel(hf_config, flags, ctx)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def flags_for(cls, hf_config: Any) -> DecoderFlags:
+        return cls.flags
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def attention_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.layers]

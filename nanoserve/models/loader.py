@@ -1,0 +1,85 @@
+"""Load ``*.safetensors`` weights (one file or sharded with an index) into a model, reading only this rank's
+slice of each tensor. A missing or unexpected tensor is an error that names it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+from tqdm.auto import tqdm
+
+# Buffers some older checkpoints carry that are recomputed, not loaded.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def checkpoint_files(model_dir: str | Path) -> list[Path]:
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in {index.name} are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(
+            f"no *.safetensors weights in {str(model_dir)!r} (.bin/.pt checkpoints are not supported; "
+            "re-save with safe_serialization=True)"
+        )
+    return files
+
+
+def default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    """Replicated parameters (norms): copy the whole tensor, cast to the parameter's dtype."""
+    tensor = loaded[:]
+    if tuple(tensor.shape) != tuple(param.shape):
+        raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+    param.data.copy_(tensor)
+
+
+def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = False) -> None:
+    params = dict(model.named_parameters(remove_duplicate=False))
+    packed = getattr(model, "packed_modules_mapping", {})
+    tied = getattr(model, "tie_word_embeddings", False)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    files = checkpoint_files(model_dir)
+    for path in tqdm(files, desc="Loading weights", disable=not show_progress or len(files) < 2):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(_IGNORED_SUFFIXES):
+                    continue
+                if tied and name == "lm_head.weight":
+                    continue  # some tied checkpoints store a copy; the embedding is authoritative
+                target, shard_id = name, None
+                for ckpt_name, (ours, shard) in packed.items():
+                    if f".{ckpt_name}." in name:
+                        target, shard_id = name.replace(ckpt_name, ours), shard
+                        break
+                param = params.get(target)
+                if param is None:
+                    unexpected.append(name)
+                    continue
+                loader = getattr(param, "weight_loader", default_weight_loader)
+                loader(param, f.get_slice(name), shard_id)
+                loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+    if unexpected:
+        raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")
+    expected = set()
+    for name in params:
+        if tied and name == "lm_head.weight":
+            continue
+        module_name = name.rsplit(".", 1)[0]
+        shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
+        if shards:
+            expected.update(f"{name}#{s}" for s in shards)
+        else:
+            expected.add(name)
+    missing = sorted(expected - loaded)
+    if missing:
+        raise ValueError(f"checkpoint is missing tensors: {', '.join(m.replace('#', ' shard ') for m in missing[:10])}")

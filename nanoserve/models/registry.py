@@ -1,0 +1,35 @@
+"""Architecture name (config.json ``architectures``) -> model class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from nanoserve.models.llama import LlamaForCausalLM
+from nanoserve.models.qwen2 import Qwen2ForCausalLM
+from nanoserve.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[nn.Module]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2ForCausalLM": Qwen2ForCausalLM,
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+}
+
+
+def resolve_architecture(hf_config: Any) -> type[nn.Module]:
+    names = list(getattr(hf_config, "architectures", None) or [])
+    for name in names:
+        if name in MODEL_REGISTRY:
+            _check_supported(hf_config, name)
+            return MODEL_REGISTRY[name]
+    raise ValueError(
+        f"unsupported architecture {names or '(none in config.json)'}; "
+        f"nanoserve supports: {', '.join(MODEL_REGISTRY)}"
+    )
+
+
+def _check_supported(hf_config: Any, name: str) -> None:
+    if getattr(hf_config, "use_sliding_window", False):
+        raise ValueError(f"{name} with use_sliding_window=true is not supported")

@@ -1,0 +1,141 @@
+"""The model runner of one rank: builds the model (its shard), sizes and owns the KV cache, and executes
+scheduled steps. Rank 0 gets logits back; other ranks run the same forward for the collectives."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanoserve.config import EngineConfig
+from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.engine.scheduler import ScheduledChunk
+from nanoserve.layers.attention import AttentionMetadata
+from nanoserve.models.decoder import BuildContext, head_dim_of
+from nanoserve.models.loader import load_weights
+from nanoserve.models.registry import resolve_architecture
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """The message one step sends to every rank (see ScheduledChunk for its size)."""
+
+    chunks: list[ScheduledChunk]
+    released_seq_ids: list[int]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, tp: TPGroup, show_progress: bool = False) -> None:
+        self.config = config
+        self.tp = tp
+        self.device = torch.device(config.device if config.device == "cpu" else f"cuda:{torch.cuda.current_device()}")
+        hf = config.hf_config
+        model_cls = resolve_architecture(hf)
+        ctx = BuildContext(
+            dtype=config.dtype, tp=tp, attention_backend="torch_sdpa", max_position=config.max_model_len
+        )
+        with torch.device(self.device):
+            self.model = model_cls(hf, ctx)
+        load_weights(self.model, config.model, show_progress=show_progress)
+        self.model.eval()
+        self.attention_layers = self.model.attention_layers()
+        self.num_kv_heads = self.attention_layers[0].num_kv_heads
+        self.head_dim = head_dim_of(hf)
+        self.block_size = config.block_size
+        self.num_blocks = 0
+        self.block_tables: dict[int, list[int]] = {}  # seq_id -> block ids, mirrored from the scheduler
+
+    # ---- KV cache ------------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one block takes on this rank across all layers (K and V)."""
+        itemsize = torch.empty((), dtype=self.config.dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+
+    def weight_bytes(self) -> int:
+        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
+        return sum(seen.values())
+
+    def allocate_kv_cache(self, num_blocks: int) -> int:
+        """Allocate exactly ``num_blocks`` blocks per layer and bind them; returns the count really allocated.
+
+        ``torch.empty``: pages are only touched when a block is written, so a large budget costs address
+        space, not resident memory, until it is used.
+        """
+        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+        self.num_blocks = int(self.attention_layers[0].kv_cache.shape[1])
+        return self.num_blocks
+
+    # ---- one step ------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor | None:
+        """Run one scheduled step. Returns logits [num_sampling_chunks, vocab] in chunk order on rank 0."""
+        for seq_id in step.released_seq_ids:
+            self.block_tables.pop(seq_id, None)
+        for c in step.chunks:
+            if c.reset:
+                self.block_tables[c.seq_id] = list(c.block_ids)
+            elif c.block_ids:
+                self.block_tables[c.seq_id].extend(c.block_ids)
+        if not step.chunks:
+            return None
+        input_ids, positions, meta, sample_rows = self._prepare(step.chunks)
+        hidden = self.model(input_ids, positions, meta)
+        logits = self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
+        return logits if self.tp.rank == 0 else None
+
+    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        # Decodes first so attention can batch them; remember where each chunk's last token lands.
+        decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.start > 0]
+        prefill = [i for i, c in enumerate(chunks) if not (len(c.token_ids) == 1 and c.start > 0)]
+        order = decode + prefill
+        ordered = [chunks[i] for i in order]
+        lens = np.fromiter((len(c.token_ids) for c in ordered), dtype=np.int64, count=len(ordered))
+        starts = np.fromiter((c.start for c in ordered), dtype=np.int64, count=len(ordered))
+        offsets = np.concatenate(([0], np.cumsum(lens)))
+        total = int(offsets[-1])
+        seq_of_token = np.repeat(np.arange(len(ordered)), lens)
+        positions = np.arange(total) - offsets[:-1][seq_of_token] + starts[seq_of_token]
+
+        tables = [self.block_tables[c.seq_id] for c in ordered]
+        max_blocks = max(len(t) for t in tables)
+        table_array = np.zeros((len(ordered), max_blocks), dtype=np.int64)
+        for row, t in enumerate(tables):
+            table_array[row, : len(t)] = t
+        slots = table_array[seq_of_token, positions // bs] * bs + positions % bs
+
+        input_ids = np.fromiter(itertools.chain.from_iterable(c.token_ids for c in ordered), dtype=np.int64, count=total)
+        dev = self.device
+        n_dec = len(decode)
+        context_lens = starts + lens
+        meta = AttentionMetadata(
+            slot_mapping=torch.from_numpy(slots).to(dev),
+            num_decode_tokens=n_dec,
+            decode_block_tables=torch.from_numpy(table_array[:n_dec]).to(dev),
+            decode_context_lens=torch.from_numpy(context_lens[:n_dec]).to(dev),
+            decode_max_context=int(context_lens[:n_dec].max()) if n_dec else 0,
+            prefill_query_starts=offsets[n_dec:-1].tolist(),
+            prefill_query_lens=lens[n_dec:].tolist(),
+            prefill_context_lens=context_lens[n_dec:].tolist(),
+            prefill_block_tables=[
+                torch.tensor(tables[j][: -(-int(context_lens[j]) // bs)], dtype=torch.long, device=dev)
+                for j in range(n_dec, len(ordered))
+            ],
+        )
+        last_token = np.empty(len(chunks), dtype=np.int64)
+        last_token[order] = offsets[1:] - 1
+        sample_rows = last_token[[i for i, c in enumerate(chunks) if c.sample]]
+        return (
+            torch.from_numpy(input_ids).to(dev),
+            torch.from_numpy(positions).to(dev),
+            meta,
+            torch.from_numpy(sample_rows).to(dev),
+        )

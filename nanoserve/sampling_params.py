@@ -1,0 +1,117 @@
+"""Per-request sampling settings, shaped like vLLM's so users can switch engines without edits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Upper bounds that keep one request from monopolising the engine; vLLM uses similar limits.
+MAX_LOGPROBS = 20
+MAX_N = 64
+
+
+@dataclass
+class SamplingParams:
+    """How to turn logits into tokens for one request.
+
+    ``temperature=0`` is greedy decoding. ``stop`` strings end the text *before* the stop string;
+    ``stop_token_ids`` end generation after that token (the token stays in ``token_ids``, not in ``text``).
+    Penalties follow the OpenAI/vLLM definitions: presence/frequency act on generated tokens only,
+    repetition acts on prompt and generated tokens (positive logits divided, negative multiplied).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # Filled by the engine from the tokenizer; users normally leave it alone.
+    _stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop) if self.stop else []
+        self.stop_token_ids = list(self.stop_token_ids) if self.stop_token_ids else []
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+        self._stop_strings = tuple(self.stop)
+
+    def _validate(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"SamplingParams.{name}: {why}")
+
+        _check_int(self.n, "n")
+        if not 1 <= self.n <= MAX_N:
+            fail("n", f"must be between 1 and {MAX_N}, got {self.n}")
+        _check_number(self.temperature, "temperature")
+        if self.temperature < 0:
+            fail("temperature", f"must be >= 0 (0 means greedy), got {self.temperature}")
+        _check_number(self.top_p, "top_p")
+        if not 0 < self.top_p <= 1:
+            fail("top_p", f"must be in (0, 1], got {self.top_p}")
+        _check_int(self.top_k, "top_k")
+        if self.top_k < 0:
+            fail("top_k", f"must be >= 1, or 0/-1 to disable, got {self.top_k}")
+        _check_number(self.min_p, "min_p")
+        if not 0 <= self.min_p <= 1:
+            fail("min_p", f"must be in [0, 1], got {self.min_p}")
+        if self.max_tokens is not None:
+            _check_int(self.max_tokens, "max_tokens")
+            if self.max_tokens < 1:
+                fail("max_tokens", f"must be >= 1, got {self.max_tokens}")
+        _check_int(self.min_tokens, "min_tokens")
+        if self.min_tokens < 0:
+            fail("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            fail("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        for s in self.stop:
+            if not isinstance(s, str) or not s:
+                fail("stop", f"must be a list of non-empty strings, got {s!r}")
+        for t in self.stop_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                fail("stop_token_ids", f"must be non-negative integers, got {t!r}")
+        if self.seed is not None:
+            _check_int(self.seed, "seed")
+        if self.logprobs is not None:
+            _check_int(self.logprobs, "logprobs")
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                fail("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_number(value, name)
+            if not -2.0 <= value <= 2.0:
+                fail(name, f"must be in [-2, 2], got {value}")
+        _check_number(self.repetition_penalty, "repetition_penalty")
+        if self.repetition_penalty <= 0:
+            fail("repetition_penalty", f"must be > 0 (1 disables it), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _check_number(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"SamplingParams.{name}: must be a number, got {value!r}")
+
+
+def _check_int(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"SamplingParams.{name}: must be an integer, got {value!r}")

@@ -1,0 +1,1 @@
+"""Offline test fixtures: tiny random-weight Hugging Face checkpoints and a transformers reference."""
