@@ -114,6 +114,7 @@ class EngineConfig:
         hf_config = load_hf_config(model_path)
         device = resolve_device(device)
         _positive_int(tensor_parallel_size, "tensor_parallel_size")
+        check_tensor_parallel_split(hf_config, tensor_parallel_size)
         _positive_int(max_num_seqs, "max_num_seqs")
         _positive_int(block_size, "block_size")
         if block_size > 1024:
@@ -193,6 +194,23 @@ def load_hf_config(path: Path) -> Any:
         return AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises a zoo of types here; normalise to one clear error
         raise ValueError(f"cannot read config.json of {str(path)!r}: {exc}") from exc
+
+
+def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
+    """Fail before any process starts if the model cannot be split over ``tp`` ranks."""
+    from nanoserve.distributed.parallel_state import divide
+
+    divide(hf_config.num_attention_heads, tp, "num_attention_heads")
+    divide(hf_config.intermediate_size, tp, "intermediate_size")
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    if kv_heads >= tp:
+        divide(kv_heads, tp, "num_key_value_heads")
+    elif tp % kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({kv_heads}) is smaller than tensor_parallel_size ({tp}) and does not divide it, "
+            "so KV heads cannot be replicated evenly; choose a tensor_parallel_size that is a multiple of "
+            f"{kv_heads} or a divisor of it"
+        )
 
 
 def _positive_int(value: object, name: str) -> None:

@@ -80,22 +80,12 @@ def cpu_kv_budget(requested: int | None, available: int, local_world_size: int) 
 
 def agree_on_num_blocks(local_num_blocks: int, tp: TPGroup) -> tuple[int, list[int]]:
     """(MIN over ranks, every rank's estimate by rank), over the gloo group."""
-    if tp.size == 1:
-        return local_num_blocks, [local_num_blocks]
-    mine = torch.tensor([local_num_blocks], dtype=torch.int64)
-    everyone = [torch.zeros(1, dtype=torch.int64) for _ in range(tp.size)]
-    dist.all_gather(everyone, mine, group=tp.cpu_group)
-    agreed = mine.clone()
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=tp.cpu_group)
-    return int(agreed.item()), [int(t.item()) for t in everyone]
+    agreed = tp.all_reduce(torch.tensor([local_num_blocks], dtype=torch.int64), op=dist.ReduceOp.MIN, cpu=True)
+    return int(agreed.item()), tp.gather_ints(local_num_blocks)
 
 
 def gather_ints(value: int, tp: TPGroup) -> list[int]:
-    if tp.size == 1:
-        return [value]
-    parts = [torch.zeros(1, dtype=torch.int64) for _ in range(tp.size)]
-    dist.all_gather(parts, torch.tensor([value], dtype=torch.int64), group=tp.cpu_group)
-    return [int(p.item()) for p in parts]
+    return tp.gather_ints(value)
 
 
 def establish_kv_cache(
