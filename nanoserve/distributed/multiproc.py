@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -33,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from tqdm.auto import tqdm
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.executor import start_rank
@@ -42,6 +44,10 @@ from nanoserve.platform import local_cpu_count
 from nanoserve.runner.model_runner import ModelRunner, StepInput
 
 logger = logging.getLogger(__name__)
+
+# tqdm's default write lock is a multiprocessing semaphore that is never unlinked; once we have spawned
+# workers, the resource tracker warns about it at exit. Only this process draws bars: a thread lock suffices.
+tqdm.set_lock(threading.RLock())
 
 _STORE_TIMEOUT = datetime.timedelta(seconds=120)
 # Collectives normally fail fast when a peer dies (the socket closes); this bounds the rare silent hang.

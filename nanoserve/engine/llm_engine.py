@@ -238,7 +238,12 @@ class LLMEngine:
                 if found is not None:
                     stop, pos = found
                     detok.text = detok.text[: pos + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-                    self.scheduler.finish(seq, "stop", stop_reason=stop)
+                    if seq.is_finished:
+                        # The same token also hit max_tokens / max_model_len (the scheduler already ended
+                        # it as "length"); the stop string wins, as in vLLM, since the text was cut by it.
+                        seq.finish_reason, seq.stop_reason = "stop", stop
+                    else:
+                        self.scheduler.finish(seq, "stop", stop_reason=stop)
         for seq in self.scheduler.finished_in_step:
             state = self.requests.get(seq.request_id)
             if state is not None:
@@ -273,7 +278,7 @@ class LLMEngine:
                     text=detok.text,
                     token_ids=list(seq.output_token_ids),
                     cumulative_logprob=cum if lps is not None else None,
-                    logprobs=lps,
+                    logprobs=list(lps) if lps is not None else None,  # a snapshot: outputs must not grow later
                     finish_reason=seq.finish_reason,
                     stop_reason=seq.stop_reason,
                 )

@@ -1,0 +1,500 @@
+"""What the OpenAI endpoints do: turn a validated request into engine requests, and engine outputs into
+responses or server-sent events.
+
+Engine outputs are cumulative, so streaming keeps a cursor per choice and sends what is new. When stop strings
+are set, the last ``len(longest stop) - 1`` characters are held back until the request ends: the engine may
+find a stop string that began in text it already produced and cut the text there, and a client must never
+receive text that is later taken back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import contextlib
+import json
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from jinja2 import TemplateError
+from starlette.requests import Request
+
+from nanoserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
+from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoserve.sampling_params import SamplingParams
+from nanoserve.server.errors import APIError, bad_request, from_value_error
+from nanoserve.server.protocol import (
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatLogprobs,
+    ChatLogprobToken,
+    ChatMessage,
+    ChatResponseMessage,
+    ChatStreamChoice,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    DeltaMessage,
+    ErrorResponse,
+    SamplingFields,
+    TopLogprob,
+    UsageInfo,
+)
+from nanoserve.server.tokens import TokenStrings
+
+T = TypeVar("T")
+
+# JSON has no -inf; a token the sampler ruled out (top-k/top-p) reports this instead, as vLLM does.
+MIN_LOGPROB = -9999.0
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    served_model_names: tuple[str, ...]
+    model_path: str
+    api_key: str | None = None
+    max_request_bytes: int = 4 * 2**20
+
+
+@dataclass(frozen=True)
+class EnginePrompt:
+    """A prompt after tokenization: what the engine receives."""
+
+    text: str | None
+    token_ids: list[int]
+
+    def as_engine_prompt(self) -> dict[str, Any]:
+        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+
+
+@dataclass
+class _Cursor:
+    """How much of one choice's cumulative output a stream has sent."""
+
+    text_sent: int = 0
+    tokens_sent: int = 0
+    text_offset: int = 0  # completions logprobs: character offset of the next token
+    utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
+    done: bool = False
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else MIN_LOGPROB
+
+
+def _holdback(params: SamplingParams) -> int:
+    if not params.stop or params.include_stop_str_in_output:
+        return 0
+    return max(len(s) for s in params.stop) - 1
+
+
+def _advance(cursor: _Cursor, c: CompletionOutput, holdback: int) -> tuple[str, int, int]:
+    """The unsent text and token range of choice ``c``; moves the cursor past them."""
+    end = len(c.text) if c.finish_reason is not None else len(c.text) - holdback
+    end = max(end, cursor.text_sent)
+    text = c.text[cursor.text_sent : end]
+    t0, t1 = cursor.tokens_sent, len(c.token_ids)
+    cursor.text_sent, cursor.tokens_sent = end, t1
+    return text, t0, t1
+
+
+def _ranked(entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
+    return sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+
+
+def sse(payload: Any) -> str:
+    data = payload.model_dump_json() if hasattr(payload, "model_dump_json") else json.dumps(payload)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | None, BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out, None))
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((i, None, exc))
+        else:
+            queue.put_nowait((i, None, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, out, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if out is None:
+                remaining -= 1
+            else:
+                yield i, out
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+class OpenAIServing:
+    """The completions and chat endpoints over one :class:`AsyncLLMEngine`.
+
+    ``tokenizer`` must be this server's own instance (not the engine's): it is used on the event loop while
+    the engine thread uses its own.
+    """
+
+    def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.limits = engine.limits
+        self.tokens = TokenStrings(tokenizer)
+
+    # ---- shared helpers ------------------------------------------------------------------------------
+    def check_model(self, name: str | None) -> str:
+        names = self.settings.served_model_names
+        if name is None:
+            return names[0]
+        if name not in names:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves {', '.join(names)}.",
+                           param="model", code="model_not_found")  # fmt: skip
+        return name
+
+    def check_token_ids(self, ids: Iterable[int], param: str) -> list[int]:
+        ids = list(ids)
+        vocab = self.limits.vocab_size
+        for t in ids:
+            if not 0 <= t < vocab:
+                raise bad_request(f"token id {t} is outside the vocabulary [0, {vocab})", param=param)
+        return ids
+
+    def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> EnginePrompt:
+        """Messages through the tokenizer's chat template; 400 if the model has none or it rejects them."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise bad_request(
+                "this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
+                "use /v1/completions with a plain prompt", param="messages", code="no_chat_template",
+            )  # fmt: skip
+        conversation = []
+        for m in messages:
+            msg: dict[str, Any] = {"role": m.role, "content": m.text()}
+            if m.name is not None:
+                msg["name"] = m.name
+            conversation.append(msg)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except TemplateError as exc:
+            raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
+        # The template already placed any BOS it wants; do not add special tokens twice.
+        return EnginePrompt(text, self.tokenize_text(text, add_special_tokens=False))
+
+    def completion_prompt(self, prompt: str | list[int]) -> EnginePrompt:
+        if isinstance(prompt, str):
+            ids = self.tokenize_text(prompt)
+            if not ids:
+                raise bad_request("prompt is empty after tokenization", param="prompt")
+            return EnginePrompt(prompt, ids)
+        return EnginePrompt(None, self.check_token_ids(prompt, "prompt"))
+
+    def sampling_params(
+        self, req: SamplingFields, prompt: EnginePrompt, requested: int | None, logprobs: int | None,
+        prompt_param: str, max_tokens_param: str,
+    ) -> SamplingParams:  # fmt: skip
+        """Settings for one prompt. ``requested=None`` fills the context (``max_model_len`` - prompt)."""
+        limit = self.limits.max_model_len
+        num_prompt = len(prompt.token_ids)
+        if num_prompt >= limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {num_prompt} tokens, "
+                "leaving no room to generate. Please shorten the prompt.",
+                param=prompt_param, code="context_length_exceeded",
+            )  # fmt: skip
+        if num_prompt + 1 > self.limits.kv_capacity_tokens:
+            raise bad_request(
+                f"the prompt has {num_prompt} tokens but the server's KV cache holds only "
+                f"{self.limits.kv_capacity_tokens}", param=prompt_param, code="context_length_exceeded",
+            )  # fmt: skip
+        max_tokens = limit - num_prompt if requested is None else requested
+        try:
+            params = req.sampling_params(max_tokens, logprobs)
+        except ValueError as exc:
+            err = from_value_error(exc)
+            if err.info.param == "max_tokens":
+                err.info.param = max_tokens_param
+            raise err from None
+        if num_prompt + max_tokens > limit:
+            raise bad_request(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} in the completion). "
+                f"Please reduce the length of the prompt or {max_tokens_param}.",
+                param=max_tokens_param, code="context_length_exceeded",
+            )  # fmt: skip
+        return params
+
+    async def start(
+        self, request_id: str, prompts: list[EnginePrompt], params: list[SamplingParams]
+    ) -> list[RequestStream]:
+        """Hand every prompt to the engine; all or none (a rejected one aborts those already added)."""
+        rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+        try:
+            return await self.engine.add_requests(
+                [(rid, prompt.as_engine_prompt(), p) for rid, prompt, p in zip(rids, prompts, params)]
+            )
+        except ValueError as exc:
+            raise from_value_error(exc) from None
+        except QueueFullError as exc:
+            raise APIError(503, str(exc), type="service_unavailable", code="queue_full") from None
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), type="service_unavailable", code="engine_dead") from None
+
+    @staticmethod
+    async def collect(streams: list[RequestStream]) -> list[RequestOutput]:
+        """The final output of every stream (closing them all, whatever happens)."""
+        finals: list[RequestOutput | None] = [None] * len(streams)
+        try:
+            async for i, out in merge_streams(streams):
+                finals[i] = out
+        finally:
+            for s in streams:
+                s.close()
+        return finals  # type: ignore[return-value]
+
+    @staticmethod
+    async def until_disconnected(raw: Request, work: Awaitable[T]) -> T:
+        """Run ``work``; if the client goes away first, cancel it (which aborts its requests)."""
+        task = asyncio.ensure_future(work)
+
+        async def disconnected() -> None:
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        listener = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({task, listener}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # we were cancelled (shutdown): take the work down with us
+            task.cancel()
+            listener.cancel()
+            raise
+        listener.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientDisconnected()
+        try:
+            return task.result()
+        except EngineDeadError as exc:
+            raise APIError(503, str(exc), type="service_unavailable", code="engine_dead") from None
+
+    @staticmethod
+    def _stream_error(exc: BaseException) -> str:
+        if isinstance(exc, EngineDeadError):
+            err = APIError(503, str(exc), type="service_unavailable", code="engine_dead")
+        else:
+            err = APIError(500, f"{type(exc).__name__}: {exc}", type="internal_server_error")
+        return sse(ErrorResponse(error=err.info))
+
+    def _usage(self, prompts: list[EnginePrompt], outputs: Iterable[RequestOutput | None]) -> UsageInfo:
+        num_prompt = sum(len(p.token_ids) for p in prompts)
+        num_completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
+        return UsageInfo(
+            prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion
+        )
+
+    # ---- /v1/completions -----------------------------------------------------------------------------
+    def completion_logprobs(self, c: CompletionOutput, t0: int, t1: int, k: int, cursor: _Cursor) -> CompletionLogprobs:
+        lp = CompletionLogprobs()
+        for pos in range(t0, t1):
+            token = c.token_ids[pos]
+            entry = c.logprobs[pos] if c.logprobs is not None and pos < len(c.logprobs) else {}
+            text, raw = self.tokens(token)
+            lp.tokens.append(text)
+            lp.token_logprobs.append(_finite(entry[token].logprob) if token in entry else None)
+            top = {}
+            for tid, lp_ in _ranked(entry):
+                if tid == token or (lp_.rank is not None and lp_.rank <= k):
+                    top[self.tokens.text(tid)] = _finite(lp_.logprob)
+            lp.top_logprobs.append(top)
+            lp.text_offset.append(cursor.text_offset)
+            # Characters this token completes (a token may carry part of a character, or finish one).
+            cursor.text_offset += len(cursor.utf8.decode(raw))
+        return lp
+
+    async def completions(self, req: CompletionRequest, raw: Request) -> Any:
+        model = self.check_model(req.model)
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo")
+        prompts = [self.completion_prompt(p) for p in req.prompts()]
+        params = [self.sampling_params(req, p, req.max_tokens, req.logprobs, "prompt", "max_tokens") for p in prompts]
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await self.start(request_id, prompts, params)
+        if req.stream:
+            return self._completion_events(req, model, request_id, created, prompts, params, streams)
+        finals = await self.until_disconnected(raw, self.collect(streams))
+        n = params[0].n
+        choices = []
+        for pi, (prompt, out) in enumerate(zip(prompts, finals)):
+            echo = self._echo_text(prompt) if req.echo else ""
+            for c in out.outputs:
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self.completion_logprobs(c, 0, len(c.token_ids), req.logprobs, _Cursor())
+                choices.append(CompletionChoice(
+                    index=pi * n + c.index, text=echo + c.text, logprobs=logprobs, finish_reason=c.finish_reason,
+                    stop_reason=c.stop_reason, token_ids=list(c.token_ids) if req.return_token_ids else None,
+                ))  # fmt: skip
+        return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                  usage=self._usage(prompts, finals))  # fmt: skip
+
+    def _echo_text(self, prompt: EnginePrompt) -> str:
+        if prompt.text is not None:
+            return prompt.text
+        return self.tokenizer.decode(prompt.token_ids, skip_special_tokens=False)
+
+    async def _completion_events(
+        self, req: CompletionRequest, model: str, request_id: str, created: int,
+        prompts: list[EnginePrompt], params: list[SamplingParams], streams: list[RequestStream],
+    ) -> AsyncIterator[str]:  # fmt: skip
+        n = params[0].n
+        cursors = [[_Cursor() for _ in range(n)] for _ in prompts]
+        latest: list[RequestOutput | None] = [None] * len(prompts)
+        holdback = [_holdback(p) for p in params]
+        try:
+            async for pi, out in merge_streams(streams):
+                latest[pi] = out
+                for c in out.outputs:
+                    cursor = cursors[pi][c.index]
+                    if cursor.done:
+                        continue
+                    first = cursor.tokens_sent == 0 and cursor.text_sent == 0
+                    text, t0, t1 = _advance(cursor, c, holdback[pi])
+                    finished = c.finish_reason is not None
+                    cursor.done = finished
+                    if req.echo and first:
+                        text = self._echo_text(prompts[pi]) + text
+                    new_tokens = t1 > t0 and (req.logprobs is not None or req.return_token_ids)
+                    if not (text or finished or new_tokens):
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs = self.completion_logprobs(c, t0, t1, req.logprobs, cursor)
+                    choice = CompletionChoice(
+                        index=pi * n + c.index, text=text, logprobs=logprobs,
+                        finish_reason=c.finish_reason if finished else None,
+                        stop_reason=c.stop_reason if finished else None,
+                        token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
+                    )  # fmt: skip
+                    yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
+            if req.include_usage_in_stream:
+                usage = self._usage(prompts, latest)
+                yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
+        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, as OpenAI does
+            yield self._stream_error(exc)
+        finally:
+            for s in streams:
+                s.close()
+        yield SSE_DONE
+
+    # ---- /v1/chat/completions ------------------------------------------------------------------------
+    def chat_logprobs(self, c: CompletionOutput, t0: int, t1: int, k: int) -> ChatLogprobs:
+        content = []
+        for pos in range(t0, t1):
+            token = c.token_ids[pos]
+            entry = c.logprobs[pos] if c.logprobs is not None and pos < len(c.logprobs) else {}
+            text, raw = self.tokens(token)
+            top = []
+            for tid, lp_ in _ranked(entry):
+                if lp_.rank is not None and lp_.rank <= k:
+                    top_text, top_raw = self.tokens(tid)
+                    top.append(TopLogprob(token=top_text, logprob=_finite(lp_.logprob), bytes=list(top_raw)))
+            logprob = _finite(entry[token].logprob) if token in entry else MIN_LOGPROB
+            content.append(ChatLogprobToken(token=text, logprob=logprob, bytes=list(raw), top_logprobs=top))
+        return ChatLogprobs(content=content)
+
+    async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
+        model = self.check_model(req.model)
+        prompt = self.render_chat(req.messages, req.add_generation_prompt)
+        logprobs = req.engine_logprobs()
+        param_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        params = self.sampling_params(req, prompt, req.requested_max_tokens(), logprobs, "messages", param_name)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        streams = await self.start(request_id, [prompt], [params])
+        if req.stream:
+            return self._chat_events(req, model, request_id, created, prompt, params, streams[0])
+        (out,) = await self.until_disconnected(raw, self.collect(streams))
+        choices = []
+        for c in out.outputs:
+            choices.append(ChatChoice(
+                index=c.index, message=ChatResponseMessage(content=c.text),
+                logprobs=self.chat_logprobs(c, 0, len(c.token_ids), req.top_logprobs or 0) if req.logprobs else None,
+                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                token_ids=list(c.token_ids) if req.return_token_ids else None,
+            ))  # fmt: skip
+        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
+                                      usage=self._usage([prompt], [out]))  # fmt: skip
+
+    async def _chat_events(
+        self, req: ChatCompletionRequest, model: str, request_id: str, created: int,
+        prompt: EnginePrompt, params: SamplingParams, stream: RequestStream,
+    ) -> AsyncIterator[str]:  # fmt: skip
+        def chunk(choice: ChatStreamChoice) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+
+        cursors = [_Cursor() for _ in range(params.n)]
+        holdback = _holdback(params)
+        latest: RequestOutput | None = None
+        try:
+            for i in range(params.n):
+                yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
+            async for out in stream:
+                latest = out
+                for c in out.outputs:
+                    cursor = cursors[c.index]
+                    if cursor.done:
+                        continue
+                    text, t0, t1 = _advance(cursor, c, holdback)
+                    finished = c.finish_reason is not None
+                    cursor.done = finished
+                    new_tokens = t1 > t0 and (req.logprobs or req.return_token_ids)
+                    if not (text or finished or new_tokens):
+                        continue
+                    yield chunk(ChatStreamChoice(
+                        index=c.index, delta=DeltaMessage(content=text or None),
+                        logprobs=self.chat_logprobs(c, t0, t1, req.top_logprobs or 0) if req.logprobs else None,
+                        finish_reason=c.finish_reason if finished else None,
+                        stop_reason=c.stop_reason if finished else None,
+                        token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
+                    ))  # fmt: skip
+            if req.include_usage_in_stream:
+                usage = self._usage([prompt], [latest])
+                yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
+        except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
+            yield self._stream_error(exc)
+        finally:
+            stream.close()
+        yield SSE_DONE
