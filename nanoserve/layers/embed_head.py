@@ -25,6 +25,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        from nanoserve.layers.linear import check_shape
+
+        check_shape(loaded, (self.vocab_size, param.shape[1]))
         end = min(self.vocab_start + self.shard_size, self.vocab_size)
         if end > self.vocab_start:
             param.data[: end - self.vocab_start].copy_(loaded[self.vocab_start : end])

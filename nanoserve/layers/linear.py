@@ -24,6 +24,14 @@ def _cols(loaded: Any, start: int, size: int) -> torch.Tensor:
     return loaded[:, start : start + size]
 
 
+def check_shape(loaded: Any, expected: tuple[int, ...]) -> None:
+    """Refuse a checkpoint tensor whose full (unsharded) shape is not what this layer expects: slicing or
+    ``copy_`` would otherwise truncate or broadcast it without a word."""
+    shape = tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+    if shape != tuple(expected):
+        raise ValueError(f"shape mismatch: checkpoint {shape} vs expected {tuple(expected)}")
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
@@ -44,6 +52,7 @@ class LinearBase(nn.Module):
 
 class ReplicatedLinear(LinearBase):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        check_shape(loaded, tuple(param.shape))
         param.data.copy_(loaded[:])
 
 
@@ -56,6 +65,7 @@ class ColumnParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         size = param.shape[0]
+        check_shape(loaded, (size * self.tp.size, *param.shape[1:]))
         param.data.copy_(_rows(loaded, self.tp.rank * size, size))
 
 
@@ -69,6 +79,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int = 0) -> None:
         size = self.out_sizes[shard_id]
         offset = sum(self.out_sizes[:shard_id])
+        check_shape(loaded, (size * self.tp.size, *param.shape[1:]))
         param.data[offset : offset + size].copy_(_rows(loaded, self.tp.rank * size, size))
 
 
@@ -112,6 +123,9 @@ class QKVParallelLinear(ColumnParallelLinear):
             kv_rank = self.tp.rank // self.kv_replicas
             offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
             size, start = self.kv_size, kv_rank * self.kv_size
+        # KV heads may be replicated (fewer than ranks): the checkpoint holds each once.
+        copies = self.tp.size if shard_id == "q" or self.kv_replicas == 1 else self.tp.size // self.kv_replicas
+        check_shape(loaded, (size * copies, *param.shape[1:]))
         param.data[offset : offset + size].copy_(_rows(loaded, start, size))
 
 
@@ -125,9 +139,11 @@ class RowParallelLinear(LinearBase):
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         if param.dim() == 1:  # bias: replicated
+            check_shape(loaded, tuple(param.shape))
             param.data.copy_(loaded[:])
             return
         size = param.shape[1]
+        check_shape(loaded, (param.shape[0], size * self.tp.size))
         param.data.copy_(_cols(loaded, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

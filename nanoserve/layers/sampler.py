@@ -44,8 +44,11 @@ class Sampler:
     def forget(self, seq_id: int) -> None:
         self._seq_generators.pop(seq_id, None)
 
+    # The runner returns logits made under inference_mode (inference tensors); penalties and min_tokens
+    # masking edit them in place, which torch only allows inside inference_mode too.
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        """logits: [N, V], row i belongs to seqs[i]."""
+        """logits: [N, V], row i belongs to seqs[i]. Rows are modified in place (penalties, masking)."""
         logits = logits.float()
         logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None

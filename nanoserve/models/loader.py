@@ -66,7 +66,10 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                     unexpected.append(name)
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, f.get_slice(name), shard_id)
+                try:
+                    loader(param, f.get_slice(name), shard_id)
+                except (ValueError, RuntimeError) as exc:  # name the tensor: the layer only knows shapes
+                    raise ValueError(f"checkpoint tensor {name} ({path.name}): {exc}") from exc
                 loaded.add(target if shard_id is None else f"{target}#{shard_id}")
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")

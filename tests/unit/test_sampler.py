@@ -1,0 +1,187 @@
+"""The sampler on hand-made logits: penalty math (OpenAI/vLLM definitions), min_tokens masking, greedy,
+truncation (top-k / top-p / min-p), temperature, the sampled distribution, seeds and log-probabilities."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from nanoserve.engine.sequence import Sequence
+from nanoserve.layers.sampler import Sampler
+from nanoserve.sampling_params import SamplingParams
+
+EOS = 0
+_ids = itertools.count()
+
+
+def seq(params: SamplingParams, prompt: list[int] | None = None, output: list[int] | None = None, index: int = 0) -> Sequence:
+    prompt = prompt if prompt is not None else [5]
+    tokens = list(prompt) + list(output or [])
+    return Sequence(next(_ids), "r", index, tokens, len(prompt), params)
+
+
+def sample(logits: list[list[float]] | torch.Tensor, seqs: list[Sequence], sampler: Sampler | None = None) -> list[int]:
+    sampler = sampler or Sampler({EOS}, seed=0)
+    return sampler(torch.as_tensor(logits, dtype=torch.float32), seqs).token_ids
+
+
+# ------------------------------------------------------------------------------------------------ penalties
+
+
+def test_penalty_math_on_a_hand_made_row() -> None:
+    logits = torch.tensor([1.0, 2.0, -1.0, 0.5, -0.5, 3.0])
+    # prompt has tokens 1 and 2; the output so far is 2, 3, 3
+    s = seq(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), [1, 2], [2, 3, 3])
+    row = logits.clone()
+    Sampler._apply_penalties(row, s)
+    expected = [
+        1.0,  # never seen
+        2.0 / 2.0,  # prompt only: repetition (positive -> divided); no presence/frequency (output only)
+        -1.0 * 2.0 - 0.5 * 1 - 0.25,  # prompt and output once: repetition (negative -> multiplied), then both
+        0.5 / 2.0 - 0.5 * 2 - 0.25,  # output twice: frequency counts occurrences, presence counts once
+        -0.5,
+        3.0,
+    ]
+    assert row.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    "params, history, expected",
+    [
+        # token 0 has the higher logit (2.0 vs 1.9) and appeared once in the output
+        (dict(frequency_penalty=0.05), [0], 0),  # 1.95 > 1.9
+        (dict(frequency_penalty=0.15), [0], 1),  # 1.85 < 1.9
+        (dict(frequency_penalty=0.06), [0, 0], 1),  # two occurrences: 2.0 - 0.12 < 1.9
+        (dict(presence_penalty=0.15), [0], 1),  # 1.85 < 1.9
+        (dict(presence_penalty=0.05), [0, 0, 0], 0),  # presence counts once, however often: 1.95 > 1.9
+        (dict(repetition_penalty=1.1), [0], 1),  # 2.0 / 1.1 = 1.82 < 1.9
+        (dict(repetition_penalty=1.01), [0], 0),  # 2.0 / 1.01 = 1.98
+        (dict(frequency_penalty=-0.5), [1], 1),  # a negative penalty encourages the repeated token
+    ],
+)
+def test_penalties_flip_greedy_choices(params: dict, history: list[int], expected: int) -> None:
+    logits = [[2.0, 1.9, -5.0]]
+    assert sample(logits, [seq(SamplingParams(temperature=0, **params), [2], history)]) == [expected]
+
+
+def test_repetition_penalty_acts_on_the_prompt_and_in_the_right_direction_for_negative_logits() -> None:
+    logits = [[-1.0, -1.05, -9.0]]
+    # Token 0 only in the prompt: repetition covers prompt tokens. Its logit is negative, so it is multiplied
+    # (-1.1, now below -1.05); dividing would have raised it to -0.91 and kept it on top.
+    assert sample(logits, [seq(SamplingParams(temperature=0, repetition_penalty=1.1), [0])]) == [1]
+    # presence/frequency ignore the prompt
+    assert sample(logits, [seq(SamplingParams(temperature=0, presence_penalty=2.0, frequency_penalty=2.0), [0])]) == [0]
+
+
+def test_penalties_only_touch_their_own_row() -> None:
+    logits = [[2.0, 1.9, 0.0], [2.0, 1.9, 0.0]]
+    penalized = seq(SamplingParams(temperature=0, presence_penalty=1.0), [2], [0])
+    plain = seq(SamplingParams(temperature=0), [2], [0])
+    assert sample(logits, [penalized, plain]) == [1, 0]
+
+
+def test_logprobs_are_from_the_raw_logits() -> None:
+    logits = torch.tensor([[2.0, 1.9, -5.0]])
+    s = seq(SamplingParams(temperature=0, repetition_penalty=1.5, logprobs=2), [2], [0])
+    out = Sampler({EOS}, seed=0)(logits.clone(), [s])
+    assert out.token_ids == [1]
+    raw = torch.log_softmax(logits[0], dim=-1)
+    lp = out.logprobs[0]
+    assert lp is not None
+    assert lp.token_logprob == pytest.approx(float(raw[1])) and lp.token_rank == 2
+    assert lp.top_ids == [0, 1] and lp.top_logprobs == pytest.approx(raw[:2].tolist())
+
+
+# ------------------------------------------------------------------------------------------------ masking, greedy
+
+
+def test_min_tokens_masks_eos_and_stop_tokens() -> None:
+    logits = [[5.0, 1.0, 4.0, 3.0]]  # EOS (0) most likely, then stop token 2
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2])
+    assert sample(logits, [seq(params, output=[])]) == [3]
+    assert sample(logits, [seq(params, output=[1])]) == [3]
+    assert sample(logits, [seq(params, output=[1, 1])]) == [0]  # min_tokens reached
+    # ignore_eos: EOS is an ordinary token, only the explicit stop token is held back
+    assert sample(logits, [seq(SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[2], ignore_eos=True))]) == [0]
+
+
+def test_greedy_takes_the_first_of_equal_maxima() -> None:
+    assert sample([[1.0, 3.0, 3.0, 0.0]], [seq(SamplingParams(temperature=0))]) == [1]
+
+
+def test_a_mixed_batch_keeps_rows_apart() -> None:
+    logits = [[0.0, 9.0, 0.0], [9.0, 0.0, 0.0], [0.0, 0.0, 9.0]]
+    seqs = [seq(SamplingParams(temperature=0)), seq(SamplingParams(temperature=1.0, top_k=1)), seq(SamplingParams(temperature=0.5))]
+    assert sample(logits, seqs) == [1, 0, 2]  # 9 vs 0 at T=0.5: the others have probability ~1e-8
+
+
+# ------------------------------------------------------------------------------------------------ distribution
+
+PROBS = [0.5, 0.3, 0.15, 0.05]
+N = 4000  # rows per draw: the standard error of a frequency is below 0.008
+
+
+def frequencies(params: SamplingParams, probs: list[float] = PROBS) -> list[float]:
+    logits = torch.log(torch.tensor(probs)).repeat(N, 1)
+    tokens = sample(logits, [seq(params) for _ in range(N)], Sampler({EOS}, seed=123))
+    return [tokens.count(t) / N for t in range(len(probs))]
+
+
+def test_plain_sampling_follows_softmax() -> None:
+    assert frequencies(SamplingParams(temperature=1.0)) == pytest.approx(PROBS, abs=0.03)
+
+
+def test_temperature_sharpens() -> None:
+    sharp = [p**2 for p in PROBS]  # T = 0.5: p^(1/T), renormalised
+    expected = [p / sum(sharp) for p in sharp]
+    assert frequencies(SamplingParams(temperature=0.5)) == pytest.approx(expected, abs=0.03)
+
+
+def test_top_k_keeps_the_k_most_likely() -> None:
+    assert frequencies(SamplingParams(temperature=1.0, top_k=2)) == pytest.approx([0.625, 0.375, 0, 0], abs=0.03)
+
+
+def test_top_p_keeps_the_smallest_nucleus() -> None:
+    # 0.5 < 0.6, 0.5 + 0.3 >= 0.6: tokens 0 and 1 form the nucleus
+    assert frequencies(SamplingParams(temperature=1.0, top_p=0.6)) == pytest.approx([0.625, 0.375, 0, 0], abs=0.03)
+    freq = frequencies(SamplingParams(temperature=1.0, top_p=0.85))  # 0.5 + 0.3 < 0.85: token 2 too
+    assert freq[3] == 0 and freq[2] > 0.1
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_top() -> None:
+    freq = frequencies(SamplingParams(temperature=1.0, min_p=0.2))  # threshold 0.1: drops only 0.05
+    assert freq[3] == 0
+    assert freq[:3] == pytest.approx([p / 0.95 for p in PROBS[:3]], abs=0.03)
+
+
+# ------------------------------------------------------------------------------------------------ seeds
+
+
+def test_seeded_rows_do_not_depend_on_the_batch() -> None:
+    logits = torch.zeros(1, 50)  # uniform: every draw is pure generator output
+
+    def draws(batch_before: int, seed: int = 7, index: int = 0) -> list[int]:
+        sampler = Sampler({EOS}, seed=0)
+        target = seq(SamplingParams(temperature=1.0, seed=seed), index=index)
+        others = [seq(SamplingParams(temperature=1.0)) for _ in range(batch_before)]
+        out = []
+        for _ in range(8):
+            rows = logits.repeat(batch_before + 1, 1)
+            out.append(sampler(rows, others + [target]).token_ids[-1])
+        return out
+
+    alone = draws(0)
+    assert draws(3) == alone and draws(1) == alone
+    assert draws(0, seed=8) != alone
+    assert draws(0, index=1) != alone  # the n samples of one seeded request get different streams
+
+
+def test_forget_drops_a_finished_sequence_stream() -> None:
+    sampler = Sampler({EOS}, seed=0)
+    s = seq(SamplingParams(temperature=1.0, seed=3))
+    first = [sampler(torch.zeros(1, 50), [s]).token_ids[0] for _ in range(5)]
+    sampler.forget(s.seq_id)
+    again = [sampler(torch.zeros(1, 50), [s]).token_ids[0] for _ in range(5)]
+    assert again == first  # a fresh generator from the same seed
