@@ -21,8 +21,8 @@ from nanoserve.kvcache.block_manager import BlockManager
 class ScheduledChunk:
     """One sequence's work in a step; also what crosses to tensor-parallel workers.
 
-    Size on the wire: a few ints plus the chunk's token ids and only the block ids added since the last
-    message — about 8 bytes per token per prefill chunk and ~40 bytes per decoding sequence per step.
+    Size on the wire (pickled): a few ints plus the chunk's token ids and only the block ids added since the
+    last message — 3-5 bytes per prefill token and about 45 bytes per decoding sequence per step.
     """
 
     seq_id: int
