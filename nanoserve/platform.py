@@ -65,3 +65,29 @@ def local_cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+ATTENTION_BACKEND_ENV = "NANOSERVE_ATTENTION_BACKEND"
+
+
+def default_attention_backend(device: str) -> str:
+    """``cpu_native`` on CPU (a C decode kernel, built on first use; it falls back to ``torch_sdpa`` by itself
+    when no compiler is available or for dtypes other than float32), ``torch_sdpa`` elsewhere or when
+    ``NANOSERVE_NATIVE=0``. ``NANOSERVE_ATTENTION_BACKEND`` overrides."""
+    from nanoserve.layers import native
+
+    override = os.environ.get(ATTENTION_BACKEND_ENV, "").strip()
+    if override:
+        return override
+    return "cpu_native" if device == "cpu" and native.enabled() else "torch_sdpa"
+
+
+PACK_WEIGHTS_ENV = "NANOSERVE_PACK_WEIGHTS"
+
+
+def pack_cpu_weights(device: str, dtype: torch.dtype) -> bool:
+    """Whether linear weights are reordered for oneDNN after loading (CPU, float32; ``NANOSERVE_PACK_WEIGHTS=0``
+    keeps the dense weights and torch's default GEMM)."""
+    if os.environ.get(PACK_WEIGHTS_ENV, "1") in ("0", "false", "off"):
+        return False
+    return device == "cpu" and dtype == torch.float32

@@ -4,7 +4,7 @@ The cache of one layer is a tensor ``[2, num_blocks, block_size, num_kv_heads, h
 token at position ``p`` of a sequence with block table ``bt`` lives in slot ``bt[p // B] * B + p % B``.
 
 Backends are registered by name; ``torch_sdpa`` (pure PyTorch) is the reference every faster backend is
-tested against.
+tested against; ``cpu_native`` decodes with a small C kernel (the CPU default, see ``platform``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from nanoserve.layers import native
 
 
 @dataclass
@@ -37,8 +39,9 @@ class AttentionMetadata:
     decode_max_context: int = 0
 
 
+# backend(q, k, v, kv_cache, meta, scale, kv_written) -> out; kv_written: k and v are already in the cache
 AttentionBackend = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, bool], torch.Tensor
 ]
 _BACKENDS: dict[str, AttentionBackend] = {}
 
@@ -57,50 +60,90 @@ def get_backend(name: str) -> AttentionBackend:
     return _BACKENDS[name]
 
 
-@register_backend("torch_sdpa")
-def torch_sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
-) -> torch.Tensor:
-    """q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, already rotated); returns [T, Hq, D]."""
-    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
-    k_cache = kv_cache[0].view(-1, num_kv_heads, head_dim)
-    v_cache = kv_cache[1].view(-1, num_kv_heads, head_dim)
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)
+def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+    """Write this step's new keys and values into their slots."""
+    _, _, _, num_kv_heads, head_dim = kv_cache.shape
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+
+
+def _decode_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q: [D, Hq, Dh] -> [D, Hq, Dh]. Gathers each decoding sequence's blocks into a dense padded
+    [D, Hkv, L, Dh] copy and masks the tail."""
+    block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
+    tables = meta.decode_block_tables[:, : -(-meta.decode_max_context // block_size)]
+    keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
+    values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [D, 1, 1, L]
     gqa = q.shape[1] != num_kv_heads
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o.squeeze(2)  # [D, Hq, Dh]
 
-    n_dec = meta.num_decode_tokens
-    if n_dec:
-        # Gather each decoding sequence's blocks into a dense [D, L, Hkv, Dh] view and mask the tail.
-        tables = meta.decode_block_tables[:, : -(-meta.decode_max_context // block_size)]
-        keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
-        values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
-        positions = torch.arange(keys.shape[2], device=q.device)
-        mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [D, 1, 1, L]
-        o = F.scaled_dot_product_attention(
-            q[:n_dec].unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa
-        )  # [D, Hq, 1, Dh]
-        out[:n_dec] = o.squeeze(2)
 
+def _prefill_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, out: torch.Tensor,
+) -> None:  # fmt: skip
+    """Attention of every prefill chunk, written into ``out``. Inputs are 4-D ([1, H, n, Dh]) because
+    torch's fused CPU kernel (flash attention) takes only 4-D; 3-D silently falls back to the unfused math."""
+    gqa = q.shape[1] != kv_cache.shape[3]
     for start, q_len, ctx_len, table in zip(
         meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables
     ):
-        qs = q[start : start + q_len].transpose(0, 1)  # [Hq, n, Dh]
+        qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, Dh]
         if ctx_len == q_len:
             # No cached prefix: attend to this step's own keys, no gather needed.
-            ks = k[start : start + q_len].transpose(0, 1)
-            vs = v[start : start + q_len].transpose(0, 1)
+            ks = k[start : start + q_len].transpose(0, 1).unsqueeze(0)
+            vs = v[start : start + q_len].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            slots = kv_cache[0][table].flatten(0, 1)[:ctx_len]  # [ctx, Hkv, Dh]
-            ks = slots.transpose(0, 1)
-            vs = kv_cache[1][table].flatten(0, 1)[:ctx_len].transpose(0, 1)
+            ks = kv_cache[0][table].flatten(0, 1)[:ctx_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, Dh]
+            vs = kv_cache[1][table].flatten(0, 1)[:ctx_len].transpose(0, 1).unsqueeze(0)
             # Query i sits at position ctx_len - q_len + i and sees keys up to and including it.
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
             mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[start : start + q_len] = o.transpose(0, 1)
+        out[start : start + q_len] = o[0].transpose(0, 1)
+
+
+@register_backend("torch_sdpa")
+def torch_sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, kv_written: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, already rotated); returns [T, Hq, D]. Pure PyTorch:
+    the reference every other backend is tested against."""
+    if not kv_written:
+        store_kv(k, v, kv_cache, meta)
+    out = torch.empty_like(q)
+    n_dec = meta.num_decode_tokens
+    if n_dec:
+        out[:n_dec] = _decode_sdpa(q[:n_dec], kv_cache, meta, scale)
+    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out)
+    return out
+
+
+@register_backend("cpu_native")
+def cpu_native_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float, kv_written: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """Like ``torch_sdpa`` but decodes with the C kernel of :mod:`nanoserve.layers.native`, which walks the
+    block tables instead of gathering a padded copy of every context (falls back to ``torch_sdpa`` where the
+    kernel is unavailable or does not apply)."""
+    lib = native.load()
+    if lib is None or q.dtype != torch.float32 or kv_cache.dtype != q.dtype or q.shape[-1] % 8 or not q.is_cpu:
+        return torch_sdpa_attention(q, k, v, kv_cache, meta, scale, kv_written)
+    if not kv_written:
+        store_kv(k, v, kv_cache, meta)
+    out = torch.empty(q.shape, dtype=q.dtype)
+    n_dec = meta.num_decode_tokens
+    if n_dec:
+        native.paged_decode_attention(
+            lib, q[:n_dec], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:n_dec]
+        )
+    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out)
     return out
 
 
@@ -116,5 +159,7 @@ class Attention(nn.Module):
         self.backend = get_backend(backend)
         self.kv_cache = torch.empty(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        return self.backend(q, k, v, self.kv_cache, meta, self.scale)
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv_written: bool = False
+    ) -> torch.Tensor:
+        return self.backend(q, k, v, self.kv_cache, meta, self.scale, kv_written)

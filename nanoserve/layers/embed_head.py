@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.layers.linear import pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -47,9 +48,24 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__(vocab_size, hidden_size, dtype, tp)
+        self.packed_weight: torch.Tensor | None = None
+
+    def pack_for_cpu(self, release_dense: bool) -> bool:
+        """Use a packed copy of the weight for the logits (see ``linear.pack_weight``). With tied embeddings
+        the dense weight stays (the embedding lookup reads it), so the packed copy costs its size again."""
+        packed = pack_weight(self.weight)
+        if packed is None:
+            return False
+        self.packed_weight = packed
+        if release_dense:
+            self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, H] -> logits [N, V]
-        logits = F.linear(hidden, self.weight)
+        if self.packed_weight is not None:
+            logits = packed_linear(hidden, self.packed_weight, None)
+        else:
+            logits = F.linear(hidden, self.weight)
         if self.tp.size > 1:
             logits = self.tp.all_gather(logits, dim=-1)
         return logits[:, : self.vocab_size]

@@ -16,6 +16,31 @@ from torch import nn
 from nanoserve.distributed.parallel_state import TPGroup, divide
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` ([out, in], float32, CPU) reordered into oneDNN's blocked layout, or None where that is
+    unavailable or gives a wrong product. Why: at decode-sized batches (M <= ~64) oneDNN on the reordered
+    weight runs 1.3-2x faster than MKL on the dense one (measured on AVX2; e.g. the 152k-row LM head at
+    M=32: 57 vs 31 GFLOP/s on one core), and within ~10% of it at prefill sizes."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
+        got = packed_linear(probe, packed, None)
+        want = F.linear(probe, weight)
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
+            return None
+    except (RuntimeError, AttributeError):  # an op missing from this torch build
+        return None
+    return packed
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ W^T (+ bias) with a weight from :func:`pack_weight`."""
+    # The resolved overload: skips the per-call overload lookup (~5 us of ~35 us fixed cost per call).
+    return torch.ops.mkldnn._linear_pointwise.default(x.contiguous(), packed, bias, "none", [], "")
+
+
 def _rows(loaded: Any, start: int, size: int) -> torch.Tensor:
     return loaded[start : start + size]
 
@@ -42,12 +67,28 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
+        self.packed_weight: torch.Tensor | None = None  # set by pack_for_cpu()
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError
 
+    def pack_for_cpu(self) -> bool:
+        """After loading: switch to a packed copy of the weight and release the dense one (so memory does not
+        grow). Returns whether it did; afterwards ``weight`` is empty and must not be read."""
+        packed = pack_weight(self.weight)
+        if packed is None:
+            return False
+        self.packed_weight = packed
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return True
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed_weight is not None:
+            return packed_linear(x, self.packed_weight, bias)
+        return F.linear(x, self.weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -147,7 +188,7 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(_cols(loaded, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self.matmul(x, None)
         self.tp.all_reduce(y)
         if self.bias is not None:
             y = y + self.bias

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from nanoserve.layers import native
+
 
 class RMSNorm(nn.Module):
-    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, kernels: Any = None) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        # The C kernel library (nanoserve.layers.native) when it applies, else None: torch ops.
+        self.kernels = kernels if native.norm_supported(hidden_size) else None
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         orig_dtype = x.dtype
@@ -22,7 +28,11 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Without ``residual``: norm(x). With it: (norm(x + residual), x + residual) — the sum becomes the
-        next residual, saving one pass over the activations per layer."""
+        next residual, saving one pass over the activations per layer. The native path writes that sum into
+        ``residual`` itself (callers pass a residual they own)."""
+        if self.kernels is not None and x.dim() == 2:
+            out = native.add_rms_norm(self.kernels, x, residual, self.weight, self.eps)
+            return out if residual is None else (out, residual)
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -3,6 +3,7 @@ yarn, ...) whose inverse frequencies come from transformers' own implementations
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -40,8 +41,20 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
     return inv_freq.float(), float(scaling)
 
 
+@dataclass(slots=True)
+class RopeStep:
+    """Rotary inputs of one step, computed once and shared by every layer."""
+
+    positions: torch.Tensor  # [T] long
+    cos_table: torch.Tensor  # [P, D]
+    sin_table: torch.Tensor
+    cos: torch.Tensor | None  # [T, 1, D]: the table rows of ``positions`` (None when not looked up)
+    sin: torch.Tensor | None
+
+
 class RotaryEmbedding(nn.Module):
-    """Rotates the two halves of each head (the Hugging Face / GPT-NeoX layout)."""
+    """Rotates the two halves of each head (the Hugging Face / GPT-NeoX layout). One instance serves every
+    layer: the table depends only on the config, and looking it up once per step saves a gather per layer."""
 
     def __init__(self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -52,14 +65,24 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", (emb.cos() * scaling).to(dtype), persistent=False)  # [P, D]
         self.register_buffer("sin", (emb.sin() * scaling).to(dtype), persistent=False)
 
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) of each position, shaped [T, 1, D] to broadcast over heads."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def step(self, positions: torch.Tensor, lookup: bool = True) -> RopeStep:
+        """What every layer needs for this step's positions; ``lookup=False`` skips the gathered cos/sin
+        (the native kernel reads the tables directly)."""
+        cos, sin = self.lookup(positions) if lookup else (None, None)
+        return RopeStep(positions, self.cos, self.sin, cos, sin)
+
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # q: [T, Hq, D], k: [T, Hkv, D], positions: [T]
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        cos, sin = self.lookup(positions)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, in transformers' order of operations (so rounding matches)."""
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -11,11 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.layers import native
 from nanoserve.layers.attention import Attention, AttentionMetadata
 from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanoserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanoserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanoserve.layers.norm import RMSNorm
-from nanoserve.layers.rotary import RotaryEmbedding
+from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ class BuildContext:
     tp: TPGroup
     attention_backend: str
     max_position: int
+    # The C kernels of nanoserve.layers.native (CPU, float32), or None: every layer uses torch ops only.
+    kernels: Any = None
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -59,19 +62,31 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.rotary = RotaryEmbedding(head_dim, ctx.max_position, hf_config, ctx.dtype)
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend)
+        self.kernels = ctx.kernels if native.rope_supported(head_dim) else None
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: RopeStep, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        if self.kernels is not None:
+            # One call: q/k norms, rotary (in place in qkv), and k, v into the cache.
+            qk = self.q_norm is not None
+            native.qk_norm_rope_store(
+                self.kernels, qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope.cos_table,
+                rope.sin_table, rope.positions, self.q_norm.weight if qk else None,
+                self.k_norm.weight if qk else None, self.q_norm.eps if qk else 0.0, meta.slot_mapping,
+                self.attn.kv_cache,
+            )  # fmt: skip
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v.contiguous(), meta)  # [T, Hq, D]
+        if self.kernels is not None:
+            o = self.attn(q, k, v, meta, kv_written=True)
+        else:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, rope.cos, rope.sin), apply_rotary(k, rope.cos, rope.sin)
+            o = self.attn(q, k, v.contiguous(), meta)  # [T, Hq, D]
         return self.o_proj(o.flatten(1))
 
 
@@ -86,8 +101,11 @@ class DecoderMLP(nn.Module):
             hf_config.hidden_size, [inter, inter], flags.mlp_bias, ctx.dtype, ctx.tp
         )
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, flags.mlp_bias, ctx.dtype, ctx.tp)
+        self.kernels = ctx.kernels if native.norm_supported(self.gate_up_proj.out_sizes[0]) else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.down_proj(native.silu_mul(self.kernels, self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -97,17 +115,17 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(hf_config, flags, ctx)
         self.mlp = DecoderMLP(hf_config, flags, ctx)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
+        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
+        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
 
     def forward(
-        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
+        self, rope: RopeStep, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
-        x = self.self_attn(positions, x, meta)
+        x = self.self_attn(rope, x, meta)
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -117,13 +135,18 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
         self.layers = nn.ModuleList(DecoderLayer(hf_config, flags, ctx) for _ in range(hf_config.num_hidden_layers))
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype)
+        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
+        # The native attention path reads the rotary tables itself; torch ops need this step's rows gathered.
+        self.rope_lookup = any(layer.self_attn.kernels is None for layer in self.layers)
+        # One rotary table for all layers (a table per layer costs layers x 2 x max_position x head_dim).
+        self.rotary = RotaryEmbedding(head_dim_of(hf_config), ctx.max_position, hf_config, ctx.dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.step(positions, lookup=self.rope_lookup)  # once per step, for every layer
         residual = None
         for layer in self.layers:
-            x, residual = layer(positions, x, residual, meta)
+            x, residual = layer(rope, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 
@@ -159,6 +182,14 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def pack_for_cpu(self) -> int:
+        """Switch every projection and the LM head to packed weights (see ``linear.pack_weight``); returns how
+        many were packed. Call once, after the weights are loaded."""
+        linears = [m for m in self.modules() if isinstance(m, LinearBase)]
+        packed = sum(m.pack_for_cpu() for m in linears)
+        packed += self.lm_head.pack_for_cpu(release_dense=not self.tie_word_embeddings)
+        return packed
 
     def attention_layers(self) -> list[Attention]:
         return [layer.self_attn.attn for layer in self.model.layers]

@@ -13,10 +13,12 @@ import torch
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.engine.scheduler import ScheduledChunk
+from nanoserve.layers import native
 from nanoserve.layers.attention import AttentionMetadata
 from nanoserve.models.decoder import BuildContext, head_dim_of
 from nanoserve.models.loader import load_weights
 from nanoserve.models.registry import resolve_architecture
+from nanoserve.platform import default_attention_backend, pack_cpu_weights
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,17 @@ class ModelRunner:
         hf = config.hf_config
         model_cls = resolve_architecture(hf)
         ctx = BuildContext(
-            dtype=config.dtype, tp=tp, attention_backend="torch_sdpa", max_position=config.max_model_len
-        )
+            dtype=config.dtype, tp=tp, attention_backend=default_attention_backend(config.device),
+            max_position=config.max_model_len, kernels=native.kernels_for(config.dtype, self.device),
+        )  # fmt: skip
         with torch.device(self.device):
             self.model = model_cls(hf, ctx)
         load_weights(self.model, config.model, show_progress=show_progress)
         self.model.eval()
+        # Counted before packing: packing swaps dense weights for opaque copies of the same size.
+        self._weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        if pack_cpu_weights(config.device, config.dtype):
+            self.model.pack_for_cpu()
         self.attention_layers = self.model.attention_layers()
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = head_dim_of(hf)
@@ -58,8 +65,8 @@ class ModelRunner:
         return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
     def weight_bytes(self) -> int:
-        seen = {p.data_ptr(): p.numel() * p.element_size() for p in self.model.parameters()}
-        return sum(seen.values())
+        """Bytes of this rank's weights (tied tensors once), as loaded from the checkpoint."""
+        return self._weight_bytes
 
     def allocate_kv_cache(self, num_blocks: int) -> int:
         """Allocate exactly ``num_blocks`` blocks per layer and bind them; returns the count really allocated.
@@ -71,7 +78,22 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
         self.num_blocks = int(self.attention_layers[0].kv_cache.shape[1])
+        self._zero_blocks([0])  # padding entries of block tables point at block 0
         return self.num_blocks
+
+    def release_kv_cache(self) -> None:
+        """Drop the cache tensors (after a CUDA profiling run, before the real allocation)."""
+        for layer in self.attention_layers:
+            layer.kv_cache = torch.empty(0, dtype=self.config.dtype, device=self.device)
+        self.num_blocks = 0
+
+    def _zero_blocks(self, block_ids: list[int]) -> None:
+        """Clear blocks before first use. The cache comes from torch.empty, and attention reads whole blocks
+        (the unwritten tail of a sequence's last block, padding entries) under a mask: masked weights are 0,
+        but 0 * NaN garbage is still NaN. Zeroing here keeps the cache's pages untouched until needed."""
+        index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for layer in self.attention_layers:
+            layer.kv_cache.index_fill_(1, index, 0)
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -79,13 +101,19 @@ class ModelRunner:
         """Run one scheduled step. Returns logits [num_sampling_chunks, vocab] in chunk order on rank 0."""
         for seq_id in step.released_seq_ids:
             self.block_tables.pop(seq_id, None)
+        fresh: list[int] = []
         for c in step.chunks:
             if c.reset:
                 self.block_tables[c.seq_id] = list(c.block_ids)
+                # Blocks wholly at or after the chunk's start are new; those before it hold a cached prefix.
+                fresh.extend(c.block_ids[-(-c.start // self.block_size) :])
             elif c.block_ids:
                 self.block_tables[c.seq_id].extend(c.block_ids)
+                fresh.extend(c.block_ids)
         if not step.chunks:
             return None
+        if fresh:
+            self._zero_blocks(fresh)
         input_ids, positions, meta, sample_rows = self._prepare(step.chunks)
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None

