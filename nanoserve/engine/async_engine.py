@@ -14,7 +14,9 @@ and sleeps on the queue otherwise. Outputs go back to each request's :class:`Req
 
 Outputs are cumulative (the whole text and token ids so far), so a stream keeps only the newest one: a slow
 consumer skips intermediate outputs and loses nothing. If the engine thread fails, every in-flight request
-fails with :class:`EngineDeadError` and :attr:`AsyncLLMEngine.is_healthy` turns false.
+fails with :class:`EngineDeadError` and :attr:`AsyncLLMEngine.is_healthy` turns false. A tensor-parallel worker
+that dies is noticed by the step that needs it (its collective fails) or, while the engine is idle, by the
+thread's own health check every ``HEALTH_CHECK_INTERVAL_S``, so ``/health`` turns 503 without waiting for traffic.
 """
 
 from __future__ import annotations
@@ -42,6 +44,14 @@ class EngineDeadError(RuntimeError):
 
 class QueueFullError(RuntimeError):
     """More requests are waiting than ``max_queued_requests`` allows; the client should retry later."""
+
+
+class ExecutorUnhealthy(RuntimeError):
+    """The executor reported a problem (a tensor-parallel worker died) while the engine was idle."""
+
+
+# How often an idle engine thread asks the executor whether its workers are alive.
+HEALTH_CHECK_INTERVAL_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -355,6 +365,7 @@ class AsyncLLMEngine:
                     if self.observer is not None:
                         self.observer.on_step(self.engine.stats.last_step_running, self.snapshot)
                 else:
+                    self._check_executor()
                     self.snapshot = self._take_snapshot()
         except BaseException as exc:  # noqa: BLE001 - any failure ends serving; report it to every request
             logger.exception("engine thread failed; failing all in-flight requests")
@@ -362,11 +373,13 @@ class AsyncLLMEngine:
         self._fail_everything(self._dead_error())
 
     def _apply_commands(self, block: bool) -> bool:
-        """Apply queued adds and aborts; False when asked to stop. Blocks for the first one when idle."""
+        """Apply queued adds and aborts; False when asked to stop. When idle, waits for the first one (at most
+        ``HEALTH_CHECK_INTERVAL_S``, so the idle thread keeps checking its executor)."""
         applied_any = False
         while True:
+            wait = block and not applied_any
             try:
-                cmd = self._commands.get(block=block and not applied_any)
+                cmd = self._commands.get(block=wait, timeout=HEALTH_CHECK_INTERVAL_S if wait else None)
             except queue.Empty:
                 return True
             applied_any = True
@@ -377,6 +390,13 @@ class AsyncLLMEngine:
                     self._apply_add(add)
             else:
                 self._apply_abort(cmd.request_id)
+
+    def _check_executor(self) -> None:
+        """Raise if the executor knows it cannot run another step (a worker process is gone)."""
+        check = getattr(self.engine.executor, "check_health", None)
+        problem = check() if check is not None else None
+        if problem is not None:
+            raise ExecutorUnhealthy(problem)
 
     def _apply_add(self, cmd: _Add) -> None:
         stream = cmd.stream

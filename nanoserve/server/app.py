@@ -1,7 +1,9 @@
 """The FastAPI application: routes, authentication, request-size limit and OpenAI-shaped errors.
 
 Request bodies are read and validated here, not by FastAPI's automatic body parsing, so that every failure is a
-400 in the OpenAI error shape (never FastAPI's 422) and an oversized body is refused (413) before it is parsed.
+400 in the OpenAI error shape (never FastAPI's 422) and an oversized body is refused (413) while it streams in,
+never buffered whole. Since FastAPI cannot see these bodies, the routes declare them in the OpenAPI schema
+themselves (``/openapi.json`` documents every request field; the fuzz tests generate requests from it).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from typing import Any, TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanoserve.engine.async_engine import AsyncLLMEngine
+from nanoserve.engine.async_engine import AsyncLLMEngine, EngineLimits
 from nanoserve.server.errors import APIError, bad_request, from_validation_error
 from nanoserve.server.metrics import ServerMetrics
 from nanoserve.server.protocol import (
@@ -66,6 +70,50 @@ async def read_model(request: Request, model: type[M], limit: int) -> M:
         raise from_validation_error(exc) from None
 
 
+_SCHEMA_REF = "#/components/schemas/{model}"
+# Error statuses a body-taking route may answer with, all in the OpenAI error shape.
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request (the message names the field)"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "request body larger than --max-request-bytes"},
+    503: {"model": ErrorResponse, "description": "queue full (--max-queued-requests) or engine not running"},
+}
+
+
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI ``openapi_extra`` declaring a JSON body the route parses itself."""
+    ref = _SCHEMA_REF.format(model=model.__name__)
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": ref}}}}}
+
+
+def _state_server_limits(schemas: dict[str, Any], limits: EngineLimits) -> None:
+    """Put this server's own limits into the request schemas: token ids below the vocabulary size, completions
+    shorter than the context."""
+    max_id = limits.vocab_size - 1
+
+    def bound_ids(node: Any) -> None:
+        # Every integer array item in these schemas is a token id.
+        if isinstance(node, dict):
+            if node.get("type") == "integer" and node.get("minimum") == 0:
+                node["maximum"] = max_id
+            for value in node.values():
+                bound_ids(value)
+        elif isinstance(node, list):
+            for value in node:
+                bound_ids(value)
+
+    completion = schemas["CompletionRequest"]["properties"]
+    chat = schemas["ChatCompletionRequest"]["properties"]
+    for props in (completion, chat):
+        bound_ids(props["stop_token_ids"])
+        props["stop_token_ids"]["items"]["maximum"] = max_id
+    bound_ids(completion["prompt"])
+    schemas["DetokenizeRequest"]["properties"]["tokens"]["items"].update(minimum=0, maximum=max_id)
+    for props, name in ((completion, "max_tokens"), (chat, "max_tokens"), (chat, "max_completion_tokens")):
+        props[name]["maximum"] = limits.max_model_len - 1
+
+
 def _error_json(status: int, message: str, type: str, code: str | None = None) -> JSONResponse:
     info = ErrorInfo(message=message, type=type, code=code)
     return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status)
@@ -102,6 +150,18 @@ def build_app(
     app = FastAPI(title="nanoserve", summary="OpenAI-compatible LLM server", lifespan=lifespan)
     app.state.serving = serving
     app.state.metrics = metrics
+    body_models: list[type[BaseModel]] = [CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in body_models], ref_template=_SCHEMA_REF)
+            _state_server_limits(defs["$defs"], engine.limits)
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # ---- errors --------------------------------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -146,12 +206,14 @@ def build_app(
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
     # ---- OpenAI routes -------------------------------------------------------------------------------
-    @app.post("/v1/completions", dependencies=v1)
+    @app.post("/v1/completions", dependencies=v1, openapi_extra=_json_body(CompletionRequest),
+              responses=_ERROR_RESPONSES)  # fmt: skip
     async def completions(request: Request) -> Response:
         req = await read_model(request, CompletionRequest, limit)
         return respond(await serving.completions(req, request))
 
-    @app.post("/v1/chat/completions", dependencies=v1)
+    @app.post("/v1/chat/completions", dependencies=v1, openapi_extra=_json_body(ChatCompletionRequest),
+              responses=_ERROR_RESPONSES)  # fmt: skip
     async def chat_completions(request: Request) -> Response:
         req = await read_model(request, ChatCompletionRequest, limit)
         return respond(await serving.chat(req, request))
@@ -177,7 +239,7 @@ def build_app(
 
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ERROR_RESPONSES)
     async def tokenize(request: Request) -> Response:
         req = await read_model(request, TokenizeRequest, limit)
         serving.check_model(req.model)
@@ -187,7 +249,7 @@ def build_app(
             ids = serving.tokenize_text(req.prompt or "", add_special_tokens=req.add_special_tokens)
         return respond(TokenizeResponse(count=len(ids), max_model_len=engine.limits.max_model_len, tokens=ids))
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest), responses=_ERROR_RESPONSES)
     async def detokenize(request: Request) -> Response:
         req = await read_model(request, DetokenizeRequest, limit)
         serving.check_model(req.model)

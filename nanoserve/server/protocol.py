@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanoserve.sampling_params import SamplingParams
+from nanoserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
 
 
 # Optional response fields OpenAI leaves out when unset (``delta.role``), or that only extensions ask for.
@@ -23,10 +23,41 @@ def _omit_none() -> Any:
 
 # A stop list longer than this is almost certainly hostile: every stop string is searched on every token.
 MAX_STOP_STRINGS = 64
+# Completions one request may ask for (prompts x n): each is a sequence held in host memory until it ends, so
+# this bounds what a single request can queue (OpenAI caps the prompt list at 2048; n is at most MAX_N).
+MAX_CHOICES_PER_REQUEST = 1024
+
+
+def _documented(default: Any = None, **schema: Any) -> Any:
+    """A field whose range is stated in the OpenAPI schema only. The check itself stays in one place,
+    :class:`SamplingParams` (its errors name the field), so the server and ``LLM`` accept the same settings;
+    the schema tells clients (and the fuzz tests' request generator) what will be accepted."""
+    return Field(default=default, json_schema_extra=schema)
+
+
+def _prompt_schema(schema: dict[str, Any]) -> None:
+    """The prompt's four shapes, each non-empty; token ids are >= 0 (the upper bound is per model: the app
+    adds it)."""
+    for branch in schema["anyOf"]:
+        if branch.get("type") == "string":
+            branch["minLength"] = 1
+        else:
+            branch["minItems"] = 1
+            items = branch["items"]
+            if items.get("type") == "array":
+                branch["maxItems"] = MAX_CHOICES_PER_REQUEST
+                items["minItems"] = 1
+                items["items"]["minimum"] = 0
+            elif items.get("type") == "integer":
+                items["minimum"] = 0
+            else:
+                branch["maxItems"] = MAX_CHOICES_PER_REQUEST
+                items["minLength"] = 1
 
 
 class OpenAIModel(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # allow_inf_nan=False: JSON has no NaN or Infinity; a client sending them (Python's json does) gets a 400.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -56,25 +87,25 @@ class SamplingFields(OpenAIModel):
     """Fields both endpoints share. ``None`` means the default, as OpenAI clients send explicit nulls."""
 
     model: str | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    n: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = None
+    temperature: float | None = _documented(minimum=0)
+    top_p: float | None = _documented(exclusiveMinimum=0, maximum=1)
+    top_k: int | None = _documented(minimum=-1, description="0 or -1: no limit")
+    min_p: float | None = _documented(minimum=0, maximum=1)
+    n: int | None = _documented(minimum=1, maximum=MAX_N)
+    stop: str | list[str] | None = _documented(minLength=1, maxItems=MAX_STOP_STRINGS, items={"minLength": 1})
+    stop_token_ids: list[int] | None = _documented(items={"minimum": 0})
+    seed: int | None = _documented(description="any integer")
+    presence_penalty: float | None = _documented(minimum=-2, maximum=2)
+    frequency_penalty: float | None = _documented(minimum=-2, maximum=2)
+    repetition_penalty: float | None = _documented(exclusiveMinimum=0)
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: int = _documented(0, minimum=0, description="at most max_tokens")
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = _documented(maxProperties=0, description="not supported")
     # nanoserve/vLLM extension: return the generated token ids with each choice.
     return_token_ids: bool = False
 
@@ -98,13 +129,18 @@ class SamplingFields(OpenAIModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
         """The engine's settings for this request; raises ValueError naming a field that is out of range."""
+        top_k = 0 if self.top_k is None else self.top_k
+        if top_k >= vocab_size:
+            # Every token is within the top k: the same as no limit. Also keeps a JSON bignum (top_k=10**30) out
+            # of the sampler's int64 tensors, where it would fail the whole batch.
+            top_k = 0
         opts: dict[str, Any] = dict(
             n=1 if self.n is None else self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=0 if self.top_k is None else self.top_k,
+            top_k=top_k,
             min_p=0.0 if self.min_p is None else self.min_p,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
@@ -128,19 +164,21 @@ class SamplingFields(OpenAIModel):
 
 # ---- /v1/completions ---------------------------------------------------------------------------------
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=_prompt_schema)
     # Explicit null means "fill up to max_model_len", as in vLLM.
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    max_tokens: int | None = _documented(16, minimum=1)
+    logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS, description="not with echo")
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = None
+    suffix: str | None = _documented(maxLength=0, description="not supported")
+    best_of: int | None = _documented(minimum=1, maximum=MAX_N, description="only equal to n (no best-of sampling)")
 
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, v: Any) -> Any:
         if isinstance(v, list) and (not v or any(isinstance(p, list | str) and not p for p in v)):
             raise ValueError("prompt must not be empty (nor contain an empty prompt)")
+        if isinstance(v, list) and isinstance(v[0], list | str) and len(v) > MAX_CHOICES_PER_REQUEST:
+            raise ValueError(f"at most {MAX_CHOICES_PER_REQUEST} prompts are allowed in one request, got {len(v)}")
         return v
 
     @model_validator(mode="after")
@@ -209,13 +247,15 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: int | None = _documented(minimum=1)
+    max_completion_tokens: int | None = _documented(minimum=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS, description="needs logprobs=true")
     add_generation_prompt: bool = True
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = _documented(maxItems=0, description="not supported")
+    response_format: dict[str, Any] | None = _documented(
+        properties={"type": {"const": "text"}}, description="only {'type': 'text'}"
+    )
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:

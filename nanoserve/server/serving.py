@@ -28,6 +28,7 @@ from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoserve.sampling_params import SamplingParams
 from nanoserve.server.errors import APIError, bad_request, from_value_error
 from nanoserve.server.protocol import (
+    MAX_CHOICES_PER_REQUEST,
     ChatChoice,
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -221,9 +222,10 @@ class OpenAIServing:
 
     def sampling_params(
         self, req: SamplingFields, prompt: EnginePrompt, requested: int | None, logprobs: int | None,
-        prompt_param: str, max_tokens_param: str,
+        prompt_param: str, max_tokens_param: str, logprobs_param: str = "logprobs",
     ) -> SamplingParams:  # fmt: skip
-        """Settings for one prompt. ``requested=None`` fills the context (``max_model_len`` - prompt)."""
+        """Settings for one prompt. ``requested=None`` fills the context (``max_model_len`` - prompt).
+        Errors name the request's own fields (``*_param``), not the engine's."""
         limit = self.limits.max_model_len
         num_prompt = len(prompt.token_ids)
         if num_prompt >= limit:
@@ -238,12 +240,16 @@ class OpenAIServing:
                 f"{self.limits.kv_capacity_tokens}", param=prompt_param, code="context_length_exceeded",
             )  # fmt: skip
         max_tokens = limit - num_prompt if requested is None else requested
+        if req.stop_token_ids:
+            self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         try:
-            params = req.sampling_params(max_tokens, logprobs)
+            params = req.sampling_params(max_tokens, logprobs, self.limits.vocab_size)
         except ValueError as exc:
             err = from_value_error(exc)
             if err.info.param == "max_tokens":
                 err.info.param = max_tokens_param
+            elif err.info.param == "logprobs":
+                err.info.param = logprobs_param
             raise err from None
         if num_prompt + max_tokens > limit:
             raise bad_request(
@@ -349,6 +355,11 @@ class OpenAIServing:
             raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo")
         prompts = [self.completion_prompt(p) for p in req.prompts()]
         params = [self.sampling_params(req, p, req.max_tokens, req.logprobs, "prompt", "max_tokens") for p in prompts]
+        if len(prompts) * params[0].n > MAX_CHOICES_PER_REQUEST:
+            raise bad_request(
+                f"at most {MAX_CHOICES_PER_REQUEST} completions (prompts x n) are allowed in one request, got "
+                f"{len(prompts)} x {params[0].n}", param="n",
+            )  # fmt: skip
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self.start(request_id, prompts, params)
@@ -440,7 +451,9 @@ class OpenAIServing:
         prompt = self.render_chat(req.messages, req.add_generation_prompt)
         logprobs = req.engine_logprobs()
         param_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        params = self.sampling_params(req, prompt, req.requested_max_tokens(), logprobs, "messages", param_name)
+        params = self.sampling_params(
+            req, prompt, req.requested_max_tokens(), logprobs, "messages", param_name, logprobs_param="top_logprobs"
+        )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         streams = await self.start(request_id, [prompt], [params])
