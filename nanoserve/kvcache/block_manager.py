@@ -220,11 +220,21 @@ class BlockManager:
         for seq in holders:
             for block_id in seq.block_ids:
                 counts[block_id] += 1
-            num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
-            for i, block_id in enumerate(seq.block_ids[:num_full]):
+            # Recompute the hash chain from the holder's tokens (not from its memo): a hashed block must be
+            # full of the holder's tokens and carry exactly their hash, or a prefix hit served the wrong KV.
+            bs = self.block_size
+            parent: int | None = None
+            for i, block_id in enumerate(seq.block_ids):
+                tokens = seq.token_ids[i * bs : (i + 1) * bs]
                 h = self.blocks[block_id].block_hash
-                if h is not None and i < len(seq.block_hashes):
-                    assert h == seq.block_hashes[i], f"block {block_id} hash does not match its tokens"
+                if len(tokens) < bs:
+                    assert h is None, f"block {block_id} is hashed but its holder has only {len(tokens)} tokens in it"
+                    break
+                parent = hash_block(parent, tokens)
+                if i < len(seq.block_hashes):
+                    assert seq.block_hashes[i] == parent, f"hash memo of block {i} is stale"
+                if h is not None:
+                    assert h == parent, f"block {block_id} hash does not match its holder's tokens"
         for block in self.blocks:
             assert block.ref_count == counts[block.block_id], (
                 f"block {block.block_id}: ref_count {block.ref_count} but held {counts[block.block_id]} times"

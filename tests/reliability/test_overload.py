@@ -33,7 +33,6 @@ from tests.reliability.conftest import (
     scrape,
     server_rss,
     wait_idle_and_all_blocks_free,
-    wait_until,
 )
 from tests.server.conftest import ENGINE_OPTIONS
 
@@ -248,11 +247,14 @@ def test_clients_hanging_up_under_overload_free_everything(server) -> None:
     streams = [(Job([rng.randrange(3, 512) for _ in range(rng.randint(4, 30))], 40, rng.choice([1, 2]), True),
                 i % 2 == 0) for i in range(24)]  # fmt: skip
 
+    accepted = asyncio.Semaphore(0)  # released once per stream the server has accepted (headers received)
+
     async def stream(client: httpx.AsyncClient, item: tuple[Job, bool]) -> str:
         job, hang_up = item
         events = 0
         async with client.stream("POST", CMPL, json=job.body()) as r:
             assert r.status_code == 200
+            accepted.release()
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
                     events += 1
@@ -268,10 +270,13 @@ def test_clients_hanging_up_under_overload_free_everything(server) -> None:
     async def main() -> list[str]:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with httpx.AsyncClient(base_url=server.base_url, timeout=120, limits=limits) as client:
-            tasks = [stream(client, item) for item in streams]
-            # Sent after the streams, so they wait behind ~30 sequences when their clients give up.
+            tasks = [asyncio.ensure_future(stream(client, item)) for item in streams]
+            for _ in streams:
+                await accepted.acquire()
+            # Sent once the server holds every stream, so they wait behind them when their clients give up.
             late = [Job([rng.randrange(3, 512) for _ in range(8)], 40, 1, False) for _ in range(8)]
-            return await asyncio.gather(*tasks, *(queued_then_gone(client, j) for j in late))
+            gone = await asyncio.gather(*(queued_then_gone(client, j) for j in late))
+            return [*await asyncio.gather(*tasks), *gone]
 
     outcomes = asyncio.run(main())
     assert outcomes.count("finished") == 12 and outcomes.count("hung up") == 12 and outcomes.count("gave up") == 8
@@ -289,9 +294,11 @@ def test_sigterm_drains_running_and_queued_requests(server) -> None:
     exits."""
     results: dict[int, list[dict[str, Any]]] = {}
     first_output = threading.Barrier(MAX_NUM_SEQS + 1)
+    accepted = threading.Semaphore(0)  # released once per stream the server has accepted (headers received)
 
     def max_tokens(i: int) -> int:
-        return 100 if i < MAX_NUM_SEQS else 20  # the running ones outlast the wait for the queued ones
+        # The running ones, preempting each other, outlast the few milliseconds until the queued ones arrive.
+        return MAX_MODEL_LEN - 16 if i < MAX_NUM_SEQS else 20
 
     def stream(i: int) -> None:
         body = {"prompt": f"drain {i}", "max_tokens": max_tokens(i), "temperature": 0, "ignore_eos": True,
@@ -299,6 +306,7 @@ def test_sigterm_drains_running_and_queued_requests(server) -> None:
         chunks = []
         with httpx.stream("POST", server.url(CMPL), json=body, timeout=120) as r:
             assert r.status_code == 200
+            accepted.release()
             for line in r.iter_lines():
                 if line.startswith("data: {"):
                     chunks.append(json.loads(line[len("data: ") :]))
@@ -313,8 +321,9 @@ def test_sigterm_drains_running_and_queued_requests(server) -> None:
     threads += [threading.Thread(target=stream, args=(i,)) for i in range(MAX_NUM_SEQS, MAX_NUM_SEQS + 6)]
     for t in threads[MAX_NUM_SEQS:]:
         t.start()
-    wait_until(lambda: scrape(server.base_url)["nanoserve_num_requests_in_flight"] == len(threads), 30,
-               "every request to be in flight")  # fmt: skip
+    for _ in threads:
+        assert accepted.acquire(timeout=60), "a request was not accepted"
+    assert scrape(server.base_url)["nanoserve_num_requests_waiting"] > 0, "nothing was queued when SIGTERM came"
     server.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(120)
