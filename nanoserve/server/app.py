@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nanoserve.engine.async_engine import AsyncLLMEngine, EngineLimits
 from nanoserve.server.errors import APIError, bad_request, from_validation_error
@@ -56,11 +57,14 @@ async def read_model(request: Request, model: type[M], limit: int) -> M:
                        code="request_too_large")  # fmt: skip
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client left before sending its whole body: nobody to answer, nothing to log
+        raise ClientDisconnected() from None
     body = b"".join(chunks)
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
