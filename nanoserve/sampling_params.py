@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 # Upper bounds that keep one request from monopolising the engine; vLLM uses similar limits.
 MAX_LOGPROBS = 20
 MAX_N = 64
+# Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing logits by a temperature that small
+# gives inf (NaN after softmax) once it underflows float32, and differs from argmax only on exact ties anyway.
+SAMPLING_EPS = 1e-5
 
 
 @dataclass
 class SamplingParams:
     """How to turn logits into tokens for one request.
 
-    ``temperature=0`` is greedy decoding. ``stop`` strings end the text *before* the stop string;
+    ``temperature=0`` is greedy decoding, and so is any temperature below ``SAMPLING_EPS`` or ``top_k=1``.
+    ``top_k`` beyond the vocabulary, like 0 or -1, keeps every token; ``top_p`` always keeps the most likely
+    token. ``seed`` may be any integer. ``stop`` strings end the text *before* the stop string;
     ``stop_token_ids`` end generation after that token (the token stays in ``token_ids``, not in ``text``).
     Penalties follow the OpenAI/vLLM definitions: presence/frequency act on generated tokens only,
     repetition acts on prompt and generated tokens (positive logits divided, negative multiplied).
@@ -100,7 +106,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        """Decoded by argmax (the first of equal maxima); the sampler's one test for it."""
+        return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:
@@ -108,8 +115,11 @@ class SamplingParams:
 
 
 def _check_number(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise ValueError(f"SamplingParams.{name}: must be a number, got {value!r}")
+    # inf passes the range checks (temperature >= 0, repetition_penalty > 0) but breaks the sampler's arithmetic
+    # (-inf / inf is NaN), so every number must be finite. The comparison is False for NaN, and exact for an int
+    # too large for a float (which math.isfinite would raise on).
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
+        raise ValueError(f"SamplingParams.{name}: must be a finite number, got {value!r}")
 
 
 def _check_int(value: object, name: str) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from nanoserve.engine.sequence import Sequence
 
@@ -30,8 +31,14 @@ class SamplerOutput:
 
 
 def _seed_for(seed: int, sample_index: int) -> int:
-    # Distinct, reproducible streams for the n samples of one seeded request.
-    return (seed * 1_000_003 + sample_index) & 0x7FFF_FFFF_FFFF_FFFF
+    """The generator seed for sample ``sample_index`` of a request seeded with ``seed`` (any Python int,
+    negative or beyond 64 bits): the same pair always gives the same seed, different pairs differ except by
+    hash chance. A hash, not arithmetic, because torch's CPU generator keeps only the low 32 bits of its seed:
+    with ``seed * c + i`` the seeds ``s`` and ``s + 2**32`` (or ``-1`` and ``2**64 - 1``) shared one stream.
+    Every bit of the pair reaches the low 32 bits of the hash. Masked to 63 bits: a valid seed everywhere."""
+    # Two's-complement bytes, not str(seed): str raises beyond 4300 digits, and this runs on the engine thread.
+    data = seed.to_bytes(seed.bit_length() // 8 + 1, "little", signed=True)
+    return xxhash.xxh3_64_intdigest(data, seed=sample_index) & 0x7FFF_FFFF_FFFF_FFFF
 
 
 class Sampler:
@@ -59,10 +66,12 @@ class Sampler:
                 self._apply_penalties(logits[i], seq)
             if seq.num_output_tokens < params.min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+                # A stop id outside the vocabulary can never be sampled anyway; indexing with it would raise.
+                banned = [t for t in banned if t < logits.shape[1]]
                 if banned:
                     logits[i, banned] = float("-inf")
 
-        greedy = torch.tensor([s.params.temperature == 0 or s.params.top_k == 1 for s in seqs], device=logits.device)
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         tokens = logits.argmax(dim=-1)
         if not bool(greedy.all()):
             rows = (~greedy).nonzero().squeeze(1)
@@ -103,21 +112,29 @@ class Sampler:
                 row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """logits: [N, V] of rows that are not greedy (temperature >= SAMPLING_EPS, so dividing by it is safe)."""
         device = logits.device
-        temps = torch.tensor([s.params.temperature for s in seqs], device=device)
+        vocab = logits.shape[1]
+        # A temperature beyond float32's range would become inf, and -inf / inf (a masked token) is NaN.
+        max_temp = torch.finfo(logits.dtype).max
+        temps = torch.tensor([min(s.params.temperature, max_temp) for s in seqs], dtype=logits.dtype, device=device)
         logits = logits / temps[:, None]
-        top_k = [s.params.top_k for s in seqs]
+        # top_k beyond the vocabulary keeps everything (and a bignum must not reach an int64 tensor).
+        top_k = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
         top_p = [s.params.top_p for s in seqs]
-        if any(k > 0 for k in top_k) or any(p < 1 for p in top_p):
+        if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(logits.shape[1], device=device)[None, :]
-            k = torch.tensor([k if k > 0 else logits.shape[1] for k in top_k], device=device)
+            ranks = torch.arange(vocab, device=device)[None, :]
+            k = torch.tensor(top_k, device=device)
             sorted_logits.masked_fill_(ranks >= k[:, None], float("-inf"))
             sorted_probs = sorted_logits.softmax(dim=-1)
-            # Drop a token when the tokens strictly before it already reach top_p (the first always stays).
+            # Drop a token when the tokens strictly before it already reach top_p. The most likely token always
+            # stays, however small top_p is, so a row never loses every token.
             before = sorted_probs.cumsum(dim=-1) - sorted_probs
             p = torch.tensor(top_p, device=device)
-            sorted_logits.masked_fill_(before >= p[:, None], float("-inf"))
+            drop = before >= p[:, None]
+            drop[:, 0] = False
+            sorted_logits.masked_fill_(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
         probs = logits.softmax(dim=-1)
         min_p = torch.tensor([s.params.min_p for s in seqs], device=device)

@@ -1,9 +1,11 @@
 """The FastAPI application: routes, authentication, request-size limit and OpenAI-shaped errors.
 
 Request bodies are read and validated here, not by FastAPI's automatic body parsing, so that every failure is a
-400 in the OpenAI error shape (never FastAPI's 422) and an oversized body is refused (413) while it streams in,
-never buffered whole. Since FastAPI cannot see these bodies, the routes declare them in the OpenAPI schema
-themselves (``/openapi.json`` documents every request field; the fuzz tests generate requests from it).
+400 in the OpenAI error shape (never FastAPI's 422), an oversized body is refused (413) while it streams in,
+never buffered whole, and a body that does not arrive in time (a stalled or trickling client, "slowloris") is
+answered 408 and its connection closed. Since FastAPI cannot see these bodies, the routes declare them in the
+OpenAPI schema themselves (``/openapi.json`` documents every request field; the fuzz tests generate requests
+from it).
 """
 
 from __future__ import annotations
@@ -47,10 +49,17 @@ M = TypeVar("M", bound=BaseModel)
 
 # Status the server logs when a client left before its answer was ready (nginx's convention); nobody reads it.
 CLIENT_CLOSED_REQUEST = 499
+# Seconds a client has to send its whole request body once its headers are in (``--request-body-timeout``).
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
-async def read_model(request: Request, model: type[M], limit: int) -> M:
-    """The request body parsed as ``model``: 413 beyond ``limit`` bytes, 400 for anything invalid."""
+async def read_model(request: Request, model: type[M], limit: int, timeout: float = DEFAULT_BODY_TIMEOUT_S) -> M:
+    """The request body parsed as ``model``: 413 beyond ``limit`` bytes, 408 if the whole body has not arrived
+    ``timeout`` seconds after this is called (the headers are in by then), 400 for anything invalid.
+
+    The deadline is for the whole body, not for each chunk: a client trickling a byte a second would pass any
+    per-chunk idle timeout while holding its connection and this task for as long as it liked.
+    """
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes",
@@ -58,13 +67,18 @@ async def read_model(request: Request, model: type[M], limit: int) -> M:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
-            chunks.append(chunk)
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+                chunks.append(chunk)
     except ClientDisconnect:  # the client left before sending its whole body: nobody to answer, nothing to log
         raise ClientDisconnected() from None
+    except TimeoutError:
+        # Close the connection too: the rest of the body would otherwise keep it open (uvicorn discards it).
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s ({size} bytes received)",
+                       code="request_timeout", headers={"Connection": "close"}) from None  # fmt: skip
     body = b"".join(chunks)
     if not body:
         raise bad_request("the request body is empty; send a JSON object")
@@ -80,6 +94,7 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "invalid request (the message names the field)"},
     401: {"model": ErrorResponse, "description": "missing or wrong API key"},
     404: {"model": ErrorResponse, "description": "unknown model"},
+    408: {"model": ErrorResponse, "description": "request body not received within --request-body-timeout"},
     413: {"model": ErrorResponse, "description": "request body larger than --max-request-bytes"},
     503: {"model": ErrorResponse, "description": "queue full (--max-queued-requests) or engine not running"},
 }
@@ -128,18 +143,24 @@ def build_app(
     tokenizer: Any,
     settings: ServerSettings,
     metrics: ServerMetrics | None = None,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The server for ``engine``. Its lifespan starts the engine thread (if not started) and shuts it down.
 
     ``tokenizer`` must be a separate instance from the engine's (it is used on the event-loop thread).
     ``metrics`` should be the engine's observer, so the histograms fill; without one, a metrics registry with
-    only the engine's gauges is made.
+    only the engine's gauges is made. ``body_timeout_s``: seconds a client has to send a request body (408).
     """
+    if not body_timeout_s > 0:
+        raise ValueError(f"body_timeout_s: must be > 0, got {body_timeout_s}")
     serving = OpenAIServing(engine, tokenizer, settings)
     if metrics is None:
         metrics = ServerMetrics()
     metrics.attach(lambda: engine.snapshot, lambda: engine.is_healthy, lambda: engine.num_in_flight)
     limit = settings.max_request_bytes
+
+    async def read_body(request: Request, model: type[M]) -> M:
+        return await read_model(request, model, limit, body_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -213,13 +234,13 @@ def build_app(
     @app.post("/v1/completions", dependencies=v1, openapi_extra=_json_body(CompletionRequest),
               responses=_ERROR_RESPONSES)  # fmt: skip
     async def completions(request: Request) -> Response:
-        req = await read_model(request, CompletionRequest, limit)
+        req = await read_body(request, CompletionRequest)
         return respond(await serving.completions(req, request))
 
     @app.post("/v1/chat/completions", dependencies=v1, openapi_extra=_json_body(ChatCompletionRequest),
               responses=_ERROR_RESPONSES)  # fmt: skip
     async def chat_completions(request: Request) -> Response:
-        req = await read_model(request, ChatCompletionRequest, limit)
+        req = await read_body(request, ChatCompletionRequest)
         return respond(await serving.chat(req, request))
 
     @app.get("/v1/models", dependencies=v1)
@@ -245,7 +266,7 @@ def build_app(
 
     @app.post("/tokenize", openapi_extra=_json_body(TokenizeRequest), responses=_ERROR_RESPONSES)
     async def tokenize(request: Request) -> Response:
-        req = await read_model(request, TokenizeRequest, limit)
+        req = await read_body(request, TokenizeRequest)
         serving.check_model(req.model)
         if req.messages is not None:
             ids = serving.render_chat(req.messages, req.add_generation_prompt).token_ids
@@ -255,7 +276,7 @@ def build_app(
 
     @app.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest), responses=_ERROR_RESPONSES)
     async def detokenize(request: Request) -> Response:
-        req = await read_model(request, DetokenizeRequest, limit)
+        req = await read_body(request, DetokenizeRequest)
         serving.check_model(req.model)
         ids = serving.check_token_ids(req.tokens, "tokens")
         return respond(DetokenizeResponse(prompt=tokenizer.decode(ids, skip_special_tokens=False)))

@@ -62,6 +62,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=4 * 2**20,
         help="largest request body accepted; larger ones get 413 (default: 4 MiB)",
     )
+    g.add_argument(
+        "--request-body-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="seconds a client has to send its whole request body once its headers are in; a stalled or "
+        "trickling body gets 408 and its connection is closed (default: 30)",
+    )
     g.add_argument("--shutdown-timeout", type=float, default=None,
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before cancelling them "
                         "(default: wait for all)")  # fmt: skip
@@ -98,6 +106,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")
     if args.max_request_bytes < 1024:
         raise ValueError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
+    if not args.request_body_timeout > 0:  # also refuses nan
+        raise ValueError(f"--request-body-timeout must be > 0 seconds, got {args.request_body_timeout}")
     model = resolve_model(args.model)
     names = tuple(args.served_model_name or [DEMO_MODEL_NAME if args.model is None else args.model])
     config = EngineConfig.create(model, **engine_kwargs(args))
@@ -108,7 +118,8 @@ def run_serve(args: argparse.Namespace) -> int:
         async_engine = AsyncLLMEngine(LLMEngine(config), args.max_queued_requests, observer=metrics)
         settings = ServerSettings(served_model_names=names, model_path=config.model, api_key=args.api_key,
                                   max_request_bytes=args.max_request_bytes)  # fmt: skip
-        app = build_app(async_engine, load_tokenizer(config.tokenizer), settings, metrics)
+        app = build_app(async_engine, load_tokenizer(config.tokenizer), settings, metrics,
+                        body_timeout_s=args.request_body_timeout)  # fmt: skip
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         print(f"nanoserve: serving {names[0]} on http://{shown}:{port} (Ctrl-C to stop)", flush=True)

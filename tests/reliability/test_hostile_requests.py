@@ -3,20 +3,25 @@ says what was wrong — never a 5xx, never a hang — and the server still serve
 
 Two halves:
 - hand-written hostile inputs (huge ``n`` / ``max_tokens`` / ``logprobs``, token ids outside the vocabulary,
-  thousands of stop strings, 100 MB and deeply nested bodies, invalid UTF-8, NaN, bignums, negative seeds);
+  thousands of stop strings, 100 MB and deeply nested bodies, invalid UTF-8, NaN, bignums, negative seeds,
+  bodies that stall or trickle in: "slowloris");
 - schemathesis fuzzing from the server's own OpenAPI schema (``/openapi.json``) of ``/v1/completions`` and
   ``/v1/chat/completions``: schema-valid bodies (which reach the engine) and schema-violating ones.
 
-The server runs with a short context (64 tokens) so that a fuzzed request that fills it stays quick.
+The server runs with a short context (64 tokens) so that a fuzzed request that fills it stays quick, and a short
+request-body timeout (3 s) so that the slowloris test does not wait the default 30 s.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import select
 import socket
+import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -34,13 +39,14 @@ USER = [{"role": "user", "content": "hi"}]
 MiB = 2**20
 # A request to this server finishes in well under a second; far beyond that is a hang.
 REQUEST_TIMEOUT_S = 30.0
+BODY_TIMEOUT_S = 3.0  # --request-body-timeout: every request body here arrives in milliseconds
 # Fuzzing budget: examples per (endpoint, mode); with a 64-token context the four runs take ~30-50 s on 2 cores.
 FUZZ_EXAMPLES = {"positive": 60, "negative": 40}
 
 
 @pytest.fixture(scope="module")
 def server(launch: Any) -> ServerHandle:
-    return launch(["--max-model-len", str(MAX_MODEL_LEN)])
+    return launch(["--max-model-len", str(MAX_MODEL_LEN), "--request-body-timeout", str(BODY_TIMEOUT_S)])
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +209,77 @@ def test_a_client_leaving_halfway_through_its_body_is_not_an_error(server, http)
                          b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "half a b')  # fmt: skip
             time.sleep(0.2)
     assert_still_serving(server, http)  # includes: no traceback in the server log
+
+
+@dataclass
+class SlowClient:
+    """A raw-socket client that sends its headers (promising a 1000-byte body), then a few body bytes, then
+    either nothing more (``trickle_s=None``: stalled) or one byte every ``trickle_s`` seconds until the server
+    answers. Records what came back and when, measured from before the headers left."""
+
+    address: tuple[str, int]
+    trickle_s: float | None
+    response: bytes = b""
+    closed_by_server: bool = False
+    elapsed_s: float = 0.0
+    headers_sent: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        start = time.monotonic()
+        with socket.create_connection(self.address, timeout=REQUEST_TIMEOUT_S) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + b'{"prompt": "slow')  # fmt: skip
+            self.headers_sent.set()
+            deadline = start + REQUEST_TIMEOUT_S
+            # Keep sending until the server speaks (or the test's patience ends): never write after its answer,
+            # which it follows by closing, so the answer is not lost to a reset.
+            while time.monotonic() < deadline:
+                readable, _, _ = select.select([sock], [], [], self.trickle_s or 0.5)
+                if readable:
+                    break
+                if self.trickle_s is not None:
+                    sock.sendall(b"w")
+            while time.monotonic() < deadline:
+                try:
+                    data = sock.recv(65536)
+                except (TimeoutError, ConnectionResetError):
+                    break
+                if not data:
+                    self.closed_by_server = True
+                    break
+                self.response += data
+                self.elapsed_s = self.elapsed_s or time.monotonic() - start
+
+
+def test_a_stalled_or_trickling_body_gets_408_and_does_not_hold_the_server(server, http) -> None:
+    """Slowloris: clients that send their headers and then stall, or trickle a byte every 0.2 s (which a
+    per-chunk idle timeout would never catch), get a 408 in the OpenAI error shape once --request-body-timeout
+    has passed, and their connections are closed. Meanwhile the server answers everyone else as usual and the
+    slow clients hold no request (nothing in flight, no KV block)."""
+    host, port = server.base_url.removeprefix("http://").split(":")
+    clients = [SlowClient((host, int(port)), trickle_s) for trickle_s in (None, None, 0.2, 0.2)]
+    threads = [threading.Thread(target=c.run) for c in clients]
+    for t in threads:
+        t.start()
+    for c in clients:
+        assert c.headers_sent.wait(REQUEST_TIMEOUT_S)
+    served = http.post(CMPL, json={"prompt": "meanwhile", "max_tokens": 4, "temperature": 0, "ignore_eos": True})
+    assert served.status_code == 200, served.text
+    assert scrape(server.base_url)["nanoserve_num_requests_in_flight"] == 0
+    for t in threads:
+        t.join(REQUEST_TIMEOUT_S + 5)
+        assert not t.is_alive()
+    for c in clients:
+        what = "stalled" if c.trickle_s is None else "trickling"
+        head, _, body = c.response.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 "), f"{what} client got {c.response[:200]!r}"
+        assert b"connection: close" in head.lower(), head
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_timeout" and f"within {BODY_TIMEOUT_S:g} s" in error["message"], error
+        assert error["type"] == "invalid_request_error", error
+        assert c.closed_by_server, f"the server kept the {what} client's connection open after its 408"
+        assert BODY_TIMEOUT_S <= c.elapsed_s < BODY_TIMEOUT_S + 20, f"{what} client answered after {c.elapsed_s:.1f} s"
+    assert_still_serving(server, http)
 
 
 def test_negative_and_huge_seeds_are_accepted_and_reproducible(server, http) -> None:

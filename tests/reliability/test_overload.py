@@ -45,6 +45,7 @@ WAVE = 36  # requests in one overload wave: 9x what runs at once, and within the
 NEAR_TIE = 1e-4  # top-1 minus top-2 log-probability below this: batching may legitimately pick either token
 CMPL = "/v1/completions"
 MiB = 2**20
+LATE_LEN = 8  # prompt tokens of each late request in the hang-up test (so their admissions can be counted)
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +236,105 @@ def test_beyond_the_queue_bound_requests_get_503_and_none_is_dropped(server) -> 
     done = 'nanoserve_requests_finished_total{finished_reason="length"}'
     assert after[done] - before.get(done, 0) == served, "accepted requests and finished requests differ"
     assert after["nanoserve_requests_aborted_total"] == before["nanoserve_requests_aborted_total"]
+
+
+def test_clients_hanging_up_under_overload_free_everything(server) -> None:
+    """24 streams, of which 12 hang up after two events, plus 8 non-streaming requests whose clients give up while
+    the request waits in the queue: every request the server took ends exactly once (the 12 streams that stay
+    finish whole, the 20 leavers are aborted) and every block returns. (The single-disconnect cases are in
+    tests/server/test_openai_server.py.)
+
+    Nothing here assumes a request reached the engine: streams count as accepted once their response headers
+    arrive (sent only after the engine took the request), and the late requests' clients leave only after the
+    engine's prompt-token counter shows all of them admitted. (The first version of this test gave the late
+    clients a 0.5 s read timeout; on a loaded box the server sometimes had not read a request by then, which
+    then never became one, and the abort count came up short.)
+
+    What rests on time is only the margin by which a client's hang-up beats its request's natural end: a leaving
+    stream has >= 88 of its 90 tokens to go, and each late request waits behind ~500 tokens of FCFS work, while
+    the server notices a closed connection within an event-loop turn. A leaver whose end the client did see
+    counts as finished.
+    """
+    before = wait_idle_and_all_blocks_free(server.base_url)
+    rng = random.Random(8)
+
+    def prompt(length: int) -> list[int]:
+        return [rng.randrange(3, 512) for _ in range(length)]
+
+    # (job, hangs up): prompts of 4-30 tokens; a leaver asks for 90 tokens (<= 120 in all: 8 of the 12 blocks).
+    streams = [(Job(prompt(rng.randint(4, 30)), 90 if i % 2 == 0 else 40, rng.choice([1, 2]), True), i % 2 == 0)
+               for i in range(24)]  # fmt: skip
+    late_jobs = [Job(prompt(LATE_LEN), 40, 1, False) for _ in range(8)]
+    stream_prompt_tokens = sum(len(job.prompt) for job, _ in streams)
+    accepted = asyncio.Semaphore(0)  # released once per stream the server has accepted (headers received)
+
+    async def stream(client: httpx.AsyncClient, job: Job, hang_up: bool) -> str:
+        tokens: list[list[int]] = [[] for _ in range(job.n)]
+        finish: list[str | None] = [None] * job.n
+        events = 0
+        async with client.stream("POST", CMPL, json=job.body()) as r:
+            assert r.status_code == 200
+            accepted.release()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[len("data: ") :])
+                assert "error" not in event, event
+                for c in event["choices"]:
+                    tokens[c["index"]] += c["token_ids"]
+                    finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+                events += 1
+                if hang_up and events == 2 and None in finish:
+                    return "hung up"  # leaving the block closes the connection mid-stream
+        assert finish == ["length"] * job.n and all(len(t) == job.max_tokens for t in tokens), (finish, tokens)
+        return "finished"
+
+    async def admitted_prompt_tokens() -> float:
+        m = await asyncio.to_thread(scrape, server.base_url)
+        return m["nanoserve_prompt_tokens_total"] - before["nanoserve_prompt_tokens_total"]
+
+    async def main() -> tuple[list[str], int]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=120, limits=limits) as client:
+            tasks = [asyncio.ensure_future(stream(client, job, hang_up)) for job, hang_up in streams]
+            for _ in streams:
+                await asyncio.wait_for(accepted.acquire(), 60)
+            # Sent once the engine holds every stream, so they queue behind them.
+            late = [asyncio.ensure_future(client.post(CMPL, json=job.body())) for job in late_jobs]
+            deadline = asyncio.get_running_loop().time() + 60
+            while await admitted_prompt_tokens() < stream_prompt_tokens + LATE_LEN * len(late_jobs):
+                for t in late:
+                    assert not t.done() or t.result().status_code == 200, t.result().text
+                assert asyncio.get_running_loop().time() < deadline, "the late requests were never admitted"
+                await asyncio.sleep(0.01)
+            served = [t for t in late if t.done()]  # ran to the end before their clients could leave
+            for t in late:
+                t.cancel()  # closes the connection of a request still waiting for its answer
+            await asyncio.gather(*late, return_exceptions=True)
+            for t in served:
+                r = t.result()
+                assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 40, r.text
+            return list(await asyncio.gather(*tasks)), len(served)
+
+    outcomes, late_served = asyncio.run(main())
+    hung_up = outcomes.count("hung up")
+    assert [o for (_, leaves), o in zip(streams, outcomes) if not leaves] == ["finished"] * 12
+    after = wait_idle_and_all_blocks_free(server.base_url)  # nothing waits, runs or is in flight; all blocks free
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    # Every request reached the engine once (the streams, and all 8 late ones, as observed above) ...
+    assert delta("nanoserve_prompt_tokens_total") == stream_prompt_tokens + LATE_LEN * len(late_jobs)
+    aborted = delta("nanoserve_requests_aborted_total")
+    finished = delta('nanoserve_requests_finished_total{finished_reason="length"}')
+    # ... and ended exactly once: finished or aborted, never both, never neither.
+    assert finished + aborted == len(streams) + len(late_jobs), (finished, aborted)
+    # The clients that left were aborted, not run to their end.
+    assert aborted == hung_up + len(late_jobs) - late_served, (
+        f"{aborted} aborted, but {hung_up} streams hung up and {len(late_jobs) - late_served} late clients left"
+    )
+    assert after["nanoserve_engine_healthy"] == 1
 
 
 def test_sigterm_drains_running_and_queued_requests(server) -> None:

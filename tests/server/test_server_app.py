@@ -117,3 +117,12 @@ def test_token_strings_are_exact_bytes_and_never_collide(tiny_model) -> None:
     shown = [strings.text(t) for t in range(len(tokenizer))]
     assert len(set(shown)) == len(shown), "two tokens are shown the same way"
     assert any(s.startswith("bytes:\\x") for s in shown)  # the vocabulary has partial-character tokens
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan"])
+def test_serve_refuses_a_request_body_timeout_that_is_not_positive(value: str, capsys) -> None:
+    """Checked before anything loads: exit status 2 and a message naming the flag."""
+    from nanoserve.cli import main
+
+    assert main(["serve", "--request-body-timeout", value]) == 2
+    assert "--request-body-timeout must be > 0 seconds" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """The sampler on hand-made logits: penalty math (OpenAI/vLLM definitions), min_tokens masking, greedy,
-truncation (top-k / top-p / min-p), temperature, the sampled distribution, seeds and log-probabilities."""
+truncation (top-k / top-p / min-p), temperature, the sampled distribution, seeds, log-probabilities, and
+settings at the edges (a top_k beyond the vocabulary, seeds beyond 64 bits, tiny and huge temperatures)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from nanoserve.engine.sequence import Sequence
-from nanoserve.layers.sampler import Sampler
+from nanoserve.layers.sampler import Sampler, _seed_for
 from nanoserve.sampling_params import SamplingParams
 
 EOS = 0
@@ -185,3 +186,96 @@ def test_forget_drops_a_finished_sequence_stream() -> None:
     sampler.forget(s.seq_id)
     again = [sampler(torch.zeros(1, 50), [s]).token_ids[0] for _ in range(5)]
     assert again == first  # a fresh generator from the same seed
+
+
+# ------------------------------------------------------------------------------------------------ edge settings
+# Each of these crashed the engine thread (taking every request down), collided, or sampled a masked token before
+# the sampler handled it.
+
+
+@pytest.mark.parametrize("top_k", [5, 10**30, 2**63, 0, -1], ids=["5", "1e30", "2^63", "0", "-1"])  # of 4 tokens
+def test_top_k_at_or_beyond_the_vocabulary_keeps_every_token(top_k: int) -> None:
+    assert frequencies(SamplingParams(temperature=1.0, top_k=top_k)) == pytest.approx(PROBS, abs=0.03)
+
+
+def test_top_k_minus_one_means_disabled_as_in_vllm() -> None:
+    assert SamplingParams(top_k=-1).top_k == 0
+    with pytest.raises(ValueError, match=r"SamplingParams\.top_k: .*0/-1 to disable"):
+        SamplingParams(top_k=-2)
+
+
+def seeded_draws(seed: int, index: int = 0, steps: int = 12) -> list[int]:
+    """``steps`` draws from a uniform 1000-token row: pure generator output (two streams agree by chance with
+    probability 1e-36)."""
+    sampler = Sampler({EOS}, seed=0)
+    target = seq(SamplingParams(temperature=1.0, seed=seed), index=index)
+    return [sampler(torch.zeros(1, 1000), [target]).token_ids[0] for _ in range(steps)]
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ((5, 0), (5 + 2**32, 0)),  # torch's CPU generator keeps only the low 32 bits of a seed
+        ((5, 0), (5 + 2**63, 0)),  # beyond a 63-bit mask
+        ((-1, 0), (2**64 - 1, 0)),  # the same 64 bits, as a negative and as a positive integer
+        ((-(2**70), 0), (-(2**70), 1)),  # the n samples of one request
+        ((10**5000, 0), (10**5000 + 1, 0)),  # beyond what str() converts
+        ((0, 1), (1, 0)),
+    ],
+    ids=["high-32-bits", "bit-63", "negative", "sample-index", "5000-digits", "swapped"],
+)
+def test_different_seeds_and_sample_indices_give_different_streams(a: tuple[int, int], b: tuple[int, int]) -> None:
+    assert seeded_draws(*a) != seeded_draws(*b)
+    assert seeded_draws(*a) == seeded_draws(*a)  # and each is reproducible
+    assert all(0 <= _seed_for(*pair) < 2**63 for pair in (a, b))
+
+
+@pytest.mark.parametrize("temperature", [1e-6, 1e-8, 1e-50, 5e-324])
+def test_a_tiny_temperature_decodes_greedily(temperature: float) -> None:
+    """Below SAMPLING_EPS: argmax, first of equal maxima, as vLLM. Dividing instead picked either tied token
+    (1e-8), or turned the row into inf / NaN once the temperature underflowed float32 (1e-50)."""
+    params = SamplingParams(temperature=temperature)
+    assert params.greedy
+    rows = 200
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]]).repeat(rows, 1)
+    assert sample(logits, [seq(params) for _ in range(rows)]) == [1] * rows
+    assert not SamplingParams(temperature=1e-5).greedy  # the threshold itself samples
+
+
+def test_a_huge_temperature_is_uniform_over_the_allowed_tokens() -> None:
+    """1e300 becomes inf in float32, and -inf / inf is NaN, which argmax takes: the EOS that min_tokens masks
+    (-inf) was sampled every time."""
+    rows = 600
+    params = SamplingParams(temperature=1e300, min_tokens=1)
+    logits = torch.tensor([[9.0, 0.0, 5.0, -5.0]]).repeat(rows, 1)
+    tokens = sample(logits, [seq(params) for _ in range(rows)], Sampler({EOS}, seed=5))
+    assert EOS not in tokens
+    assert [tokens.count(t) / rows for t in (1, 2, 3)] == pytest.approx([1 / 3] * 3, abs=0.08)
+
+
+@pytest.mark.parametrize("top_k", [0, 2])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_k: int) -> None:
+    assert frequencies(SamplingParams(temperature=1.0, top_p=1e-12, top_k=top_k)) == [1.0, 0, 0, 0]
+
+
+def test_min_tokens_with_a_stop_id_outside_the_vocabulary() -> None:
+    """The offline API does not know the vocabulary when it checks ``stop_token_ids``; masking one beyond it
+    raised IndexError on the engine thread."""
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[3, 10**6, 10**30])
+    assert sample([[5.0, 1.0, 2.0, 4.0]], [seq(params)]) == [2]  # EOS (0) and stop token 3 are held back
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("temperature", float("inf")),
+        ("temperature", float("nan")),
+        ("repetition_penalty", float("inf")),
+        pytest.param("repetition_penalty", 10**400, id="repetition_penalty-int-beyond-float"),
+        ("top_p", float("nan")),
+        ("min_p", float("-inf")),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_field(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=rf"^SamplingParams\.{field}: must be a finite number, got "):
+        SamplingParams(**{field: value})
