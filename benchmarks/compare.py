@@ -52,11 +52,12 @@ SHAPES: dict[str, dict[str, Any]] = {
 # KV budget per shape: what workload A needs with all 32 requests resident, with headroom.
 KV_BUDGET = {"smollm2-135m": "1GiB", "qwen3-0.6b": "3GiB"}
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
-# Every engine's process, unless the caller's environment says otherwise (--omp-spincount changes it).
-# libgomp (torch's OpenMP runtime) spins 300,000 times at each barrier by default; on a shared machine a
-# spinning thread starves the descheduled one it waits for. Measured under a load average of ~3.5 on 2 cores,
-# nanoserve batch-1 decode: 2.7-4.6 tok/s by default, 12-13 with GOMP_SPINCOUNT=1000, 13-16 with 1 thread.
-ENGINE_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "1000"}
+# Extra environment of every engine's process (--omp-spincount sets GOMP_SPINCOUNT). libgomp (torch's OpenMP
+# runtime) spins 300,000 times at each barrier by default. On a quiet machine that is right (nanoserve batch-1
+# decode: 23 tok/s by default vs 18 with GOMP_SPINCOUNT=1000, 2026-11-28); on an oversubscribed one a spinning
+# thread starves the descheduled one it waits for (load average ~3.5 on 2 cores: 2.7-4.6 tok/s by default,
+# 12-13 with GOMP_SPINCOUNT=1000). Benchmarks belong on a quiet machine, so the default is libgomp's.
+ENGINE_ENV: dict[str, str] = {}
 
 
 @dataclass
@@ -307,13 +308,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per engine run")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "nanoserve" / "bench")
     parser.add_argument("--json", default=None, help="also write every run's result to this file")
-    parser.add_argument("--omp-spincount", default=ENGINE_ENV["GOMP_SPINCOUNT"],
+    parser.add_argument("--omp-spincount", default="",
                         help="GOMP_SPINCOUNT for every engine ('' = libgomp's default)")  # fmt: skip
     args = parser.parse_args()
     if args.omp_spincount:
         ENGINE_ENV["GOMP_SPINCOUNT"] = args.omp_spincount
     else:
-        ENGINE_ENV.pop("GOMP_SPINCOUNT")
+        ENGINE_ENV.pop("GOMP_SPINCOUNT", None)
     args.engines = [e.strip() for e in args.engines.split(",")]
 
     print(f"load average at start: {open('/proc/loadavg').read().strip() if os.path.exists('/proc/loadavg') else '?'}")

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.layers.linear import pack_weight, packed_linear
+from nanoserve.layers.linear import PackedWeight, pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -48,7 +48,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__(vocab_size, hidden_size, dtype, tp)
-        self.packed_weight: torch.Tensor | None = None
+        self.packed_weight: PackedWeight | None = None
 
     def pack_for_cpu(self, release_dense: bool) -> bool:
         """Use a packed copy of the weight for the logits (see ``linear.pack_weight``). With tied embeddings

@@ -7,16 +7,37 @@ safetensors slice: only the indexed part is read from disk.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup, divide
+from nanoserve.layers import native
+
+logger = logging.getLogger(__name__)
 
 
-def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
+@dataclass(frozen=True)
+class PackedWeight:
+    """A linear weight reordered for oneDNN (an opaque tensor), plus what the native batch-1 kernel needs to
+    read it directly. ``row_block`` is the number of output rows per block of oneDNN's layout when it was
+    recognised and checked against the real weight (0 otherwise: only oneDNN reads it)."""
+
+    tensor: torch.Tensor
+    out_features: int
+    row_block: int
+    kernels: ctypes.CDLL | None  # the native library when ``row_block`` is usable
+    address: int = 0  # of the packed buffer (valid while ``tensor`` lives); looked up once, not per call
+    padded_in_features: int = 0  # oneDNN pads the input dimension of each block in memory to this
+
+
+def pack_weight(weight: torch.Tensor) -> PackedWeight | None:
     """``weight`` ([out, in], float32, CPU) reordered into oneDNN's blocked layout, or None where that is
     unavailable or gives a wrong product. Why: at decode-sized batches (M <= ~64) oneDNN on the reordered
     weight runs 1.3-2x faster than MKL on the dense one (measured on AVX2; e.g. the 152k-row LM head at
@@ -24,15 +45,52 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or not torch.backends.mkldnn.is_available():
         return None
     try:
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        tensor = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+        packed = PackedWeight(tensor, weight.shape[0], 0, None)
         probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0))
-        got = packed_linear(probe, packed, None)
         want = F.linear(probe, weight)
-        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6):
+        if not _close(packed_linear(probe, packed, None), want):
             return None
     except (RuntimeError, AttributeError):  # an op missing from this torch build
         return None
+    kernels = native.kernels_for(weight.dtype, weight.device)
+    row_block, padded_in = _recognise_layout(tensor, weight) if kernels is not None else (0, 0)
+    if row_block:
+        address = int(torch.ops.mkldnn.data_ptr(tensor))
+        fast = PackedWeight(tensor, weight.shape[0], row_block, kernels, address, padded_in)
+        if _close(packed_linear(probe[:1], fast, None), want[:1]) and _close(packed_linear(probe, fast, None), want):
+            return fast
+        logger.warning("the native batch-1 kernel disagrees with oneDNN on a %s weight; not using it", tuple(weight.shape))
     return packed
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> bool:
+    return torch.allclose(got, want, rtol=1e-4, atol=1e-4 * float(want.abs().max()) + 1e-6)
+
+
+def _recognise_layout(packed: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
+    """(B, K') for which the packed buffer holds element (n, k) at (n // B) * K' * B + k * B + n % B (oneDNN's
+    choice for linear weights on AVX2 CPUs: blocks of B output rows, the input dimension padded to K' >= K),
+    checked on sampled elements of the real weight; (0, 0) when no candidate matches (another ISA or oneDNN
+    version): then only oneDNN reads it."""
+    n, k = weight.shape
+    try:
+        nbytes = int(torch.ops.mkldnn._nbytes(packed))
+        raw = np.ctypeslib.as_array((ctypes.c_float * (nbytes // 4)).from_address(torch.ops.mkldnn.data_ptr(packed)))
+    except (RuntimeError, AttributeError):
+        return 0, 0
+    rng = np.random.default_rng(0)
+    rows = np.concatenate(([0, n - 1], rng.integers(0, n, 510)))
+    cols = np.concatenate(([0, k - 1], rng.integers(0, k, 510)))
+    want = weight.detach().numpy()[rows, cols]
+    for block in (64, 32, 16):
+        blocks = -(-n // block)
+        padded_k, rest = divmod(nbytes // 4, blocks * block)
+        if rest or padded_k < k:
+            continue
+        if np.array_equal(raw[(rows // block) * padded_k * block + cols * block + rows % block], want):
+            return block, padded_k
+    return 0, 0
 
 
 # oneDNN builds (and keeps) a primitive for every distinct row count it sees, and with reordered weights memory
@@ -40,6 +98,7 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor | None:
 # every row count up to max_num_batched_tokens, so rows are padded to a bounded set of sizes and long inputs run
 # in chunks: at most 28 shapes per weight, and memory stays flat (tests/unit/test_native_kernels.py).
 PACKED_CHUNK_ROWS = 256
+NATIVE_GEMM_MAX_ROWS = 256
 
 
 def packed_row_bucket(rows: int) -> int:
@@ -51,24 +110,28 @@ def packed_row_bucket(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _packed_matmul(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _packed_matmul(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     rows = x.shape[0]
     padded = packed_row_bucket(rows)
     if padded != rows:
         x = F.pad(x, (0, 0, 0, padded - rows))
     # The resolved overload: skips the per-call overload lookup (~5 us of ~35 us fixed cost per call).
-    y = torch.ops.mkldnn._linear_pointwise.default(x, packed, bias, "none", [], "")
+    y = torch.ops.mkldnn._linear_pointwise.default(x, packed.tensor, bias, "none", [], "")
     return y[:rows] if padded != rows else y
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ W^T (+ bias) with a weight from :func:`pack_weight`; ``x`` is [rows, in]."""
-    x = x.contiguous()
     rows = x.shape[0]
+    if packed.kernels is not None and (rows <= native.GEMV_MAX_ROWS or (packed.row_block == 64 and rows <= NATIVE_GEMM_MAX_ROWS)) and x.stride(-1) == 1:
+        return native.packed_gemv(
+            packed.kernels, x, packed.address, packed.out_features, packed.row_block, bias, packed.padded_in_features
+        )
+    x = x.contiguous()
     if rows <= PACKED_CHUNK_ROWS:
         return _packed_matmul(x, packed, bias)
     # 256-row pieces already run the GEMM at full speed (~140 GFLOP/s here, as at 1,024 rows).
-    out = torch.empty(rows, packed.shape[0], dtype=x.dtype)
+    out = torch.empty(rows, packed.out_features, dtype=x.dtype)
     for start in range(0, rows, PACKED_CHUNK_ROWS):
         piece = x[start : start + PACKED_CHUNK_ROWS]
         out[start : start + piece.shape[0]] = _packed_matmul(piece, packed, bias)
@@ -101,7 +164,7 @@ class LinearBase(nn.Module):
             self.bias.weight_loader = self.weight_loader
         else:
             self.register_parameter("bias", None)
-        self.packed_weight: torch.Tensor | None = None  # set by pack_for_cpu()
+        self.packed_weight: PackedWeight | None = None  # set by pack_for_cpu()
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         raise NotImplementedError

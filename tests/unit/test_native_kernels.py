@@ -197,7 +197,8 @@ def test_packed_linear_pads_and_chunks_rows_without_changing_the_product(rows: i
 
 def test_packed_linear_memory_stays_flat_over_every_row_count() -> None:
     """oneDNN keeps state per distinct row count: unbucketed, rows 1..800 on this 256x256 weight grow the RSS
-    by ~530 MiB (measured). Serving sees every row count, so this is a leak unless rows are bucketed."""
+    by ~530 MiB (measured). Serving sees every row count, so this is a leak unless rows are bucketed (oneDNN
+    path) or the native kernel does the product (no per-shape state)."""
     packed = pack_weight(torch.randn(256, 256, generator=gen(3)))
     if packed is None:
         pytest.skip("this torch build has no oneDNN linear")
@@ -209,3 +210,40 @@ def test_packed_linear_memory_stays_flat_over_every_row_count() -> None:
     grown_mib = (process.memory_info().rss - before) / 2**20
     assert grown_mib < 48, f"RSS grew {grown_mib:.0f} MiB over 800 row counts"
     assert len({packed_row_bucket(r) for r in range(1, PACKED_CHUNK_ROWS + 1)}) <= 32
+
+
+def _blocked(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """``weight`` [N, K] in the layout the native GEMM reads: blocks of ``block`` output rows, each [K][block]
+    (the last block zero-padded), built here independently of oneDNN."""
+    n, k = weight.shape
+    padded = torch.zeros(-(-n // block) * block, k + 5)  # and K padded, as oneDNN may do
+    padded[:n, :k] = weight
+    return padded.view(-1, block, k + 5).transpose(1, 2).contiguous()
+
+
+# More than GEMV_MAX_ROWS rows run natively only on 64-row blocks (the only layout oneDNN uses here).
+@pytest.mark.parametrize(
+    ("block", "rows"),
+    [(b, r) for b in (16, 32) for r in (1, 2, 3, 5, 8)] + [(64, r) for r in (1, 2, 3, 5, 8, 9, 20, 64, 193, 450)],
+)
+def test_native_packed_gemm_matches_dense(lib, block: int, rows: int) -> None:
+    g = gen(rows * 100 + block)
+    weight, bias = torch.randn(200, 72, generator=g), torch.randn(200, generator=g)
+    blocked = _blocked(weight, block)
+    x = torch.randn(rows, 80, generator=g)[:, 3:75]  # strided rows, as the engine hands in slices
+    for b in (bias, None):
+        got = native.packed_gemv(lib, x, blocked.data_ptr(), 200, block, b, padded_in_features=72 + 5)
+        torch.testing.assert_close(got, F.linear(x, weight, b), rtol=1e-5, atol=1e-4)
+
+
+def test_pack_weight_recognises_onednn_layout_and_uses_the_native_kernel(lib) -> None:
+    g = gen(5)
+    weight = torch.randn(192 * 2, 100, generator=g)  # oneDNN pads 100 inputs to 112 in memory
+    packed = pack_weight(weight)
+    if packed is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    if torch.backends.cpu.get_cpu_capability() == "AVX2":  # this project's CPU: oneDNN blocks 64 rows here
+        assert packed.row_block == 64 and packed.kernels is not None
+    for rows in (1, 7, 40, 300):
+        x = torch.randn(rows, 100, generator=g)
+        torch.testing.assert_close(packed_linear(x, packed, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
