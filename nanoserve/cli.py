@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="WARNING", help="DEBUG | INFO | WARNING | ERROR")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
-    for name, module in _SUBCOMMANDS.items():
+    for module in _SUBCOMMANDS.values():
         try:
             importlib.import_module(module).add_parser(sub)
         except ModuleNotFoundError as exc:

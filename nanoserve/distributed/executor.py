@@ -15,8 +15,8 @@ from nanoserve.distributed.kv_agreement import (
     establish_kv_cache,
 )
 from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.platform import host_available_memory
 from nanoserve.engine.scheduler import ScheduledChunk
+from nanoserve.platform import host_available_memory
 from nanoserve.runner.model_runner import ModelRunner, StepInput
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.executor import start_rank
-from nanoserve.distributed.kv_agreement import KVCacheInfo
 from nanoserve.distributed.parallel_state import TPGroup, create_tp_group
 from nanoserve.platform import local_cpu_count
 from nanoserve.runner.model_runner import ModelRunner, StepInput

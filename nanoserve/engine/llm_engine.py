@@ -17,7 +17,7 @@ from nanoserve.engine.detokenizer import DetokenizerState, find_stop_string
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence
 from nanoserve.kvcache.block_manager import BlockManager
-from nanoserve.layers.sampler import Sampler, SampledLogprobs
+from nanoserve.layers.sampler import SampledLogprobs, Sampler
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoserve.runner.model_runner import StepInput
 from nanoserve.sampling_params import SamplingParams

@@ -19,7 +19,8 @@ it; ref count 0 <=> in the free queue; the hash index points only at blocks carr
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence as SequenceABC
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -181,7 +182,7 @@ class BlockManager:
             self._cached[h] = block_id
 
     def reset_prefix_cache(self) -> None:
-        for h, block_id in list(self._cached.items()):
+        for block_id in list(self._cached.values()):
             self.blocks[block_id].block_hash = None
         self._cached.clear()
 

@@ -92,14 +92,20 @@ async def run_job(client: httpx.AsyncClient, job: Job) -> tuple[int, list[list[i
             await r.aread()
             return r.status_code, tokens, finish
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            event = json.loads(line[len("data: ") :])
-            assert "error" not in event, event
-            for c in event["choices"]:
-                tokens[c["index"]] += c["token_ids"]
-                finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+            absorb_event(line, tokens, finish)
     return 200, tokens, finish
+
+
+def absorb_event(line: str, tokens: list[list[int]], finish: list[str | None]) -> bool:
+    """Add one streamed line's tokens and finish reasons per choice; returns whether it was an event."""
+    if not line.startswith("data: {"):
+        return False
+    event = json.loads(line[len("data: ") :])
+    assert "error" not in event, event
+    for c in event["choices"]:
+        tokens[c["index"]] += c["token_ids"]
+        finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
+    return True
 
 
 class Sampler:
@@ -276,13 +282,8 @@ def test_clients_hanging_up_under_overload_free_everything(server) -> None:
             assert r.status_code == 200
             accepted.release()
             async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
+                if not absorb_event(line, tokens, finish):
                     continue
-                event = json.loads(line[len("data: ") :])
-                assert "error" not in event, event
-                for c in event["choices"]:
-                    tokens[c["index"]] += c["token_ids"]
-                    finish[c["index"]] = c["finish_reason"] or finish[c["index"]]
                 events += 1
                 if hang_up and events == 2 and None in finish:
                     return "hung up"  # leaving the block closes the connection mid-stream
