@@ -307,16 +307,16 @@ static inline __attribute__((always_inline)) void gemv_block(const float *wb, in
     }
 }
 
-/* Rows m0..m0+MR of x against half h (32 outputs) of one block, over k in [k0, k1): 3 x 4 accumulators, so
-   each W vector loaded from L1 feeds MR FMAs. acc rows are B floats apart. */
-static inline __attribute__((always_inline)) void gemm_tile(const float *wb, const int NB, int h, int64_t k0,
-                                                           int64_t k1, const float *x, int64_t x_stride,
-                                                           int64_t m0, const int MR, float *acc, int64_t B) {
+/* Rows m0..m0+MR of x against half h (32 outputs) of one 64-row block, over k in [k0, k1): MR x 4
+   accumulators (MR <= 3), so each W vector loaded from L1 feeds MR FMAs. acc is [rows][64]. */
+static inline __attribute__((always_inline)) void gemm_tile(const float *wb, int h, int64_t k0, int64_t k1,
+                                                           const float *x, int64_t x_stride, int64_t m0,
+                                                           const int MR, float *acc) {
     v8 a[3][4];
     for (int r = 0; r < MR; r++)
-        for (int j = 0; j < 4; j++) a[r][j] = load8(acc + (m0 + r) * B + 32 * h + 8 * j);
+        for (int j = 0; j < 4; j++) a[r][j] = load8(acc + (m0 + r) * 64 + 32 * h + 8 * j);
     for (int64_t k = k0; k < k1; k++) {
-        const float *wk = wb + k * NB * 8 + 32 * h;
+        const float *wk = wb + k * 64 + 32 * h;
         const v8 w0 = load8(wk), w1 = load8(wk + 8), w2 = load8(wk + 16), w3 = load8(wk + 24);
         for (int r = 0; r < MR; r++) {
             const v8 xv = splat8(x[(m0 + r) * x_stride + k]);
@@ -324,7 +324,7 @@ static inline __attribute__((always_inline)) void gemm_tile(const float *wb, con
         }
     }
     for (int r = 0; r < MR; r++)
-        for (int j = 0; j < 4; j++) store8(acc + (m0 + r) * B + 32 * h + 8 * j, a[r][j]);
+        for (int j = 0; j < 4; j++) store8(acc + (m0 + r) * 64 + 32 * h + 8 * j, a[r][j]);
 }
 
 /* The same product for more rows (B = 64 only): k is tiled so that a 64 x 64 tile of W (16 KiB) is read
@@ -337,11 +337,10 @@ static void gemm_block64(const float *wb, int64_t K, const float *x, int64_t M, 
         const int64_t k1 = k0 + GEMV_K_TILE < K ? k0 + GEMV_K_TILE : K;
         int64_t m = 0;
         for (; m + 3 <= M; m += 3)
-            for (int h = 0; h < 2; h++) gemm_tile(wb, 8, h, k0, k1, x, x_stride, m, 3, acc, 64);
-        if (M - m == 2)
-            for (int h = 0; h < 2; h++) gemm_tile(wb, 8, h, k0, k1, x, x_stride, m, 2, acc, 64);
-        else if (M - m == 1)
-            for (int h = 0; h < 2; h++) gemm_tile(wb, 8, h, k0, k1, x, x_stride, m, 1, acc, 64);
+            for (int h = 0; h < 2; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 3, acc);
+        /* the last 1-2 rows: MR must be a constant for the accumulators to stay in registers */
+        for (int h = 0; h < 2 && M - m == 2; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 2, acc);
+        for (int h = 0; h < 2 && M - m == 1; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 1, acc);
     }
 }
 
