@@ -16,6 +16,7 @@ import json
 import time
 
 import torch
+from peer_common import peak_rss_bytes
 
 
 def load(model_dir: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -41,18 +42,6 @@ def generate_batch(model: torch.nn.Module, prompts: list[list[int]], new_tokens:
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
     return [row[width:].tolist() for row in out]
-
-
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """VmHWM of a process (peak resident set since its exec); 0 if unreadable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def main() -> None:

@@ -14,17 +14,7 @@ import argparse
 import json
 import time
 
-
-def peak_rss_bytes(pid: int | str = "self") -> int:
-    """VmHWM of a process (peak resident set since its exec); 0 if unreadable."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+from peer_common import peak_rss_bytes
 
 
 def main() -> None:
