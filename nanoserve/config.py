@@ -87,6 +87,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0
     distributed_init: str = "spawn"  # "spawn": start local workers; "env": torchrun-style environment
+    # Default sampling settings: "auto" reads the checkpoint's generation_config.json, "vllm" ignores it,
+    # anything else is a folder holding a generation_config.json (vLLM's --generation-config).
+    generation_config: str = "auto"
 
     @classmethod
     def create(
@@ -107,6 +110,7 @@ class EngineConfig:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         distributed_init: str = "auto",
+        generation_config: str = "auto",
     ) -> EngineConfig:
         from nanoserve.platform import resolve_device
 
@@ -168,6 +172,7 @@ class EngineConfig:
             enable_prefix_caching=bool(enable_prefix_caching),
             seed=seed,
             distributed_init=distributed_init,
+            generation_config=_check_generation_config(generation_config),
         )
 
 
@@ -211,6 +216,16 @@ def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
             "so KV heads cannot be replicated evenly; choose a tensor_parallel_size that is a multiple of "
             f"{kv_heads} or a divisor of it"
         )
+
+
+def _check_generation_config(value: object) -> str:
+    if value in ("auto", "vllm"):
+        return str(value)
+    if not isinstance(value, (str, os.PathLike)) or not (Path(value).expanduser() / "generation_config.json").is_file():
+        raise ValueError(
+            f"generation_config: {value!r} is neither 'auto', 'vllm' nor a folder holding a generation_config.json"
+        )
+    return str(Path(value).expanduser())
 
 
 def _positive_int(value: object, name: str) -> None:

@@ -46,7 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_model(model: str | None) -> str:
     if model is None:
-        from nanoserve.demo import demo_model_path
+        from nanoserve.tools.demo import demo_model_path
 
         return demo_model_path()
     return model

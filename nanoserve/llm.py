@@ -25,7 +25,7 @@ class LLM:
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         if model is None:
-            from nanoserve.demo import demo_model_path
+            from nanoserve.tools.demo import demo_model_path
 
             model = demo_model_path()
         self.config = EngineConfig.create(model, **kwargs)

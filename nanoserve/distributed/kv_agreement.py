@@ -10,7 +10,6 @@ reports what it really allocated, which the driver checks against the agreement 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,11 +20,6 @@ from nanoserve.distributed.parallel_state import TPGroup
 
 logger = logging.getLogger(__name__)
 
-BUDGET_SCALE_ENV = "NANOSERVE_KV_BUDGET_SCALE"
-# Fraction of the host's available memory that the KV caches of all local ranks may take by default.
-DEFAULT_HOST_KV_FRACTION = 0.3
-# Explicit budgets are still capped so that all local ranks together leave the host some headroom.
-MAX_HOST_KV_FRACTION = 0.9
 SKEW_WARNING = 0.10
 
 
@@ -36,6 +30,7 @@ class KVCacheInfo:
     allocated_num_blocks: list[int]  # what each rank really allocated, reported by that rank
     block_size: int
     bytes_per_block: list[int]  # per rank (KV heads may be split or replicated)
+    max_model_len: int = 0  # the context length the engine serves (agreed with the block count)
 
     def as_dict(self) -> dict:
         return {
@@ -45,37 +40,8 @@ class KVCacheInfo:
             "block_size": self.block_size,
             "bytes_per_block": list(self.bytes_per_block),
             "num_tokens": self.num_blocks * self.block_size,
+            "max_model_len": self.max_model_len,
         }
-
-
-def budget_scale(rank: int, world_size: int) -> float:
-    """Testing aid: ``NANOSERVE_KV_BUDGET_SCALE=1.0,0.4`` multiplies rank 0's budget by 1.0 and rank 1's by 0.4
-    before the agreement, so tests can make ranks really disagree. A single value applies to every rank."""
-    raw = os.environ.get(BUDGET_SCALE_ENV, "").strip()
-    if not raw:
-        return 1.0
-    try:
-        factors = [float(x) for x in raw.split(",")]
-    except ValueError:
-        raise ValueError(f"{BUDGET_SCALE_ENV}={raw!r}: expected comma-separated numbers such as '1.0,0.4'") from None
-    if len(factors) == 1:
-        factors = factors * world_size
-    if len(factors) != world_size or any(f <= 0 for f in factors):
-        raise ValueError(f"{BUDGET_SCALE_ENV}={raw!r}: need {world_size} positive factors, one per rank")
-    return factors[rank]
-
-
-def cpu_kv_budget(requested: int | None, available: int, local_world_size: int) -> tuple[int, str]:
-    """Bytes of KV cache one CPU rank may take. Ranks on one host share its RAM: the default is a share of
-    the host's available memory divided among them, and an explicit per-rank budget is capped so the
-    host's total stays within what it has. Returns (bytes, how it was decided)."""
-    share = available // local_world_size
-    if requested is None:
-        return int(share * DEFAULT_HOST_KV_FRACTION), f"default {DEFAULT_HOST_KV_FRACTION:.0%} of available/{local_world_size}"
-    cap = int(share * MAX_HOST_KV_FRACTION)
-    if requested > cap:
-        return cap, f"kv_cache_memory {requested} capped to {cap} by host memory"
-    return requested, "kv_cache_memory"
 
 
 def agree_on_num_blocks(local_num_blocks: int, tp: TPGroup) -> tuple[int, list[int]]:
@@ -92,13 +58,14 @@ def establish_kv_cache(
     local_num_blocks: int,
     bytes_per_block: int,
     block_size: int,
-    min_blocks_needed: int,
+    max_model_len: int,
     allocate: Callable[[int], int],
     tp: TPGroup,
     agree: Callable[[int, TPGroup], tuple[int, list[int]]] = agree_on_num_blocks,
 ) -> KVCacheInfo:
     """Run on every rank: agree, check, allocate, report. ``agree`` is replaceable so a test double can
     skip the agreement and show the consistency check catching the disagreement."""
+    min_blocks_needed = -(-max_model_len // block_size)
     agreed, local = agree(local_num_blocks, tp)
     if tp.rank == 0 and len(local) > 1 and max(local) > 0 and (max(local) - min(local)) / max(local) > SKEW_WARNING:
         short = [r for r, n in enumerate(local) if n == min(local)]
@@ -116,7 +83,7 @@ def establish_kv_cache(
         )
     allocated = gather_ints(allocate(agreed), tp)
     per_block = gather_ints(bytes_per_block, tp)
-    info = KVCacheInfo(agreed, local, allocated, block_size, per_block)
+    info = KVCacheInfo(agreed, local, allocated, block_size, per_block, max_model_len)
     check_consistent(info)
     if tp.rank == 0:
         logger.info(

@@ -37,10 +37,11 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from nanoserve.config import EngineConfig
-from nanoserve.distributed.executor import start_rank
 from nanoserve.distributed.parallel_state import TPGroup, create_tp_group
 from nanoserve.platform import local_cpu_count
-from nanoserve.runner.model_runner import ModelRunner, StepInput
+from nanoserve.engine.step import RunnerOutput, StepInput
+from nanoserve.runner.model_runner import ModelRunner
+from nanoserve.runner.worker import start_rank
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +176,11 @@ class MultiprocExecutor:
             raise
 
     # ---- steps -----------------------------------------------------------------------------------------
-    def execute(self, step: StepInput) -> torch.Tensor | None:
+    def execute(self, step: StepInput) -> RunnerOutput:
         if self._failed:
             raise WorkerFailure(self._failed)
 
-        def run() -> torch.Tensor | None:
+        def run() -> RunnerOutput:
             self.tp.broadcast_object(step, src=0)
             return self.runner.execute(step)
 

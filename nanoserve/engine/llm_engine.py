@@ -19,7 +19,7 @@ from nanoserve.engine.sequence import Sequence
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.layers.sampler import SampledLogprobs, Sampler
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoserve.runner.model_runner import StepInput
+from nanoserve.engine.step import StepInput
 from nanoserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -196,7 +196,7 @@ class LLMEngine:
         """Schedule, run, sample, apply. Returns outputs of the requests that changed."""
         out = self.scheduler.schedule()
         sampling = [s for c, s in zip(out.chunks, out.seqs) if c.sample]
-        logits = self.executor.execute(StepInput(out.chunks, out.released_seq_ids)) if out.chunks else None
+        logits = self.executor.execute(StepInput(out.chunks, out.released_seq_ids)).logits if out.chunks else None
         sampled = self.sampler(logits, sampling) if sampling else None
         advanced = self.scheduler.update_from_output(out, sampled.token_ids if sampled else [])
         self._record_step(out, len(advanced))

@@ -11,42 +11,11 @@ allow. The decisions leave as a :class:`SchedulerOutput`; the sampled tokens com
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from nanoserve.engine.sequence import Sequence, SequenceStatus
+from nanoserve.engine.step import ScheduledChunk, SchedulerOutput
 from nanoserve.kvcache.block_manager import BlockManager
-
-
-@dataclass(slots=True)
-class ScheduledChunk:
-    """One sequence's work in a step; also what crosses to tensor-parallel workers.
-
-    Size on the wire (pickled): a few ints plus the chunk's token ids and only the block ids added since the
-    last message — 3-5 bytes per prefill token and about 45 bytes per decoding sequence per step.
-    """
-
-    seq_id: int
-    start: int  # position of token_ids[0]; tokens before it already have KV in the cache
-    token_ids: list[int]
-    block_ids: list[int]  # blocks appended since the last message (the whole table when ``reset``)
-    reset: bool  # the runner has no table for this sequence (new, or back from preemption)
-    sample: bool  # the chunk ends the sequence's known tokens: sample the next one from its last position
-
-
-@dataclass
-class SchedulerOutput:
-    chunks: list[ScheduledChunk]
-    released_seq_ids: list[int]  # sequences the runner should forget (finished, aborted, preempted)
-    seqs: list[Sequence] = field(default_factory=list)  # driver-side twin of ``chunks``; never sent
-    num_preempted: int = 0
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(len(c.token_ids) for c in self.chunks)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
 
 
 @dataclass(frozen=True)

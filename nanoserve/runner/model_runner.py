@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.engine.scheduler import ScheduledChunk
+from nanoserve.engine.step import RunnerOutput, ScheduledChunk, StepInput
 from nanoserve.layers import native
 from nanoserve.layers.attention import AttentionMetadata
 from nanoserve.models.decoder import BuildContext, head_dim_of
@@ -21,14 +20,6 @@ from nanoserve.models.registry import resolve_architecture
 from nanoserve.platform import default_attention_backend, pack_cpu_weights
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StepInput:
-    """The message one step sends to every rank (see ScheduledChunk for its size)."""
-
-    chunks: list[ScheduledChunk]
-    released_seq_ids: list[int]
 
 
 class ModelRunner:
@@ -97,8 +88,9 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor | None:
-        """Run one scheduled step. Returns logits [num_sampling_chunks, vocab] in chunk order on rank 0."""
+    def execute(self, step: StepInput) -> RunnerOutput:
+        """Run one scheduled step. On rank 0 the output holds logits [num_sampling_chunks, vocab] in chunk
+        order (None on other ranks, or when no chunk samples)."""
         for seq_id in step.released_seq_ids:
             self.block_tables.pop(seq_id, None)
         fresh: list[int] = []
@@ -110,14 +102,16 @@ class ModelRunner:
             elif c.block_ids:
                 self.block_tables[c.seq_id].extend(c.block_ids)
                 fresh.extend(c.block_ids)
+        # Every rank answers in the same collective, so a table left on any rank shows in rank 0's report.
+        num_tables = self.tp.gather_ints(len(self.block_tables)) if step.report_tables else None
         if not step.chunks:
-            return None
+            return RunnerOutput(None, num_tables)
         if fresh:
             self._zero_blocks(fresh)
         input_ids, positions, meta, sample_rows = self._prepare(step.chunks)
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
-        return logits if self.tp.rank == 0 else None
+        return RunnerOutput(logits if self.tp.rank == 0 else None, num_tables)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         bs = self.block_size

@@ -95,7 +95,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoserve.config import EngineConfig
-    from nanoserve.demo import DEMO_MODEL_NAME
+    from nanoserve.tools.demo import DEMO_MODEL_NAME
     from nanoserve.engine.async_engine import AsyncLLMEngine
     from nanoserve.engine.llm_engine import LLMEngine, load_tokenizer
     from nanoserve.server.app import build_app

@@ -10,14 +10,9 @@ import traceback
 import pytest
 import torch.distributed as dist
 
-from nanoserve.distributed.kv_agreement import (
-    agree_on_num_blocks,
-    budget_scale,
-    cpu_kv_budget,
-    establish_kv_cache,
-    gather_ints,
-)
+from nanoserve.distributed.kv_agreement import agree_on_num_blocks, establish_kv_cache, gather_ints
 from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.runner.memory import budget_scale, cpu_kv_budget
 
 LOCAL = [100, 40, 70]
 
@@ -40,7 +35,7 @@ def _rank_main(rank: int, world: int, port: int, skip_agreement: bool, results: 
 
         agree = _no_agreement if skip_agreement else agree_on_num_blocks
         try:
-            info = establish_kv_cache(LOCAL[rank], 1024, 16, 2, allocate, tp, agree=agree)
+            info = establish_kv_cache(LOCAL[rank], 1024, 16, 32, allocate, tp, agree=agree)
             results.put((rank, "ok", info.as_dict(), allocated))
         except RuntimeError as exc:
             results.put((rank, "error", str(exc), allocated))

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from nanoserve import LLM, RequestOutput, SamplingParams
-from nanoserve.engine.scheduler import SchedulerOutput
+from nanoserve.engine.step import SchedulerOutput
 from nanoserve.testing.checkpoints import DEFAULT_ARCH_CONFIGS
 from tests.conftest import (
     FIRST_PLAIN_TOKEN,

@@ -11,11 +11,11 @@ import torch
 
 from nanoserve.cli import main
 from nanoserve.config import EngineConfig
-from nanoserve.distributed.kv_agreement import BUDGET_SCALE_ENV
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.models.decoder import BuildContext
 from nanoserve.models.registry import resolve_architecture
-from nanoserve.plan import make_plan, probe
+from nanoserve.tools.plan import make_plan, probe
+from nanoserve.runner.memory import BUDGET_SCALE_ENV
 from nanoserve.runner.model_runner import ModelRunner
 
 # The top-level fields the module docstring documents for --json.

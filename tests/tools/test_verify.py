@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-from nanoserve import verify
+from nanoserve.tools import verify
 from nanoserve.cli import main
 from nanoserve.testing.reference import hf_greedy, load_hf_model
-from nanoserve.verify import ReferenceSteps, compare, read_prompts_file, reference_greedy, run_verify
+from nanoserve.tools.verify import ReferenceSteps, compare, read_prompts_file, reference_greedy, run_verify
 
 SMALL = dict(kv_cache_memory="2MiB", block_size=4)
 CLI_SMALL = ("--kv-cache-memory", "2MiB", "--block-size", "4", "--no-progress")

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from nanoserve.bench import WorkloadSpec, forward_flops, make_workload
+from nanoserve.tools.bench import WorkloadSpec, forward_flops, make_workload
 from nanoserve.cli import main
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from nanoserve import demo
+from nanoserve.tools import demo
 from nanoserve.testing import checkpoints
 from nanoserve.testing.checkpoints import (
     DEFAULT_ARCH_CONFIGS,

@@ -56,7 +56,7 @@ def demo_model_path(cache_dir: str | None = None) -> str:
     if (final / "config.json").is_file():
         return str(final)
 
-    # Imported here so `import nanoserve.demo` stays cheap when the cache is warm.
+    # Imported here so `import nanoserve.tools.demo` stays cheap when the cache is warm.
     from nanoserve.testing.checkpoints import build_checkpoint
 
     root.mkdir(parents=True, exist_ok=True)

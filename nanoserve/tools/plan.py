@@ -7,8 +7,8 @@ block, the KV budget and how it was decided, and the blocks that fit; then the b
 agree on (the MIN, honouring ``NANOSERVE_KV_BUDGET_SCALE``) and how many sequences fit at once at
 ``max_model_len`` and at a few typical lengths — plus everything that would stop the engine from starting.
 
-The arithmetic is the engine's own (``distributed/executor.py::local_num_blocks``,
-``kv_agreement.cpu_kv_budget`` / ``budget_scale``, ``ModelRunner.kv_bytes_per_block``):
+The arithmetic is the engine's own (``runner/memory.py::local_num_blocks``,
+``memory.cpu_kv_budget`` / ``budget_scale``, ``ModelRunner.kv_bytes_per_block``):
 
     bytes_per_block = 2 (K and V) * layers * block_size * kv_heads_on_rank * head_dim * dtype_size
     blocks_on_rank  = int(budget * scale) // bytes_per_block ;  agreed = min over ranks
@@ -383,7 +383,8 @@ def make_plan(
     what-if questions). Raises ValueError for invalid options or an unsupported architecture.
     """
     from nanoserve.config import EngineConfig
-    from nanoserve.distributed.kv_agreement import SKEW_WARNING, budget_scale
+    from nanoserve.distributed.kv_agreement import SKEW_WARNING
+    from nanoserve.runner.memory import budget_scale
     from nanoserve.models.decoder import head_dim_of
     from nanoserve.models.registry import resolve_architecture
 
@@ -490,7 +491,7 @@ def _cpu_budgets(
     config: Any, weight_bytes: int, host_available: int | None, problems: list[str], notes: list[str]
 ) -> tuple[list[tuple[int, str]], bool, int]:
     """Each rank's KV budget as ``cpu_kv_budget`` will decide it once the weights are loaded."""
-    from nanoserve.distributed.kv_agreement import MAX_HOST_KV_FRACTION, cpu_kv_budget
+    from nanoserve.runner.memory import MAX_HOST_KV_FRACTION, cpu_kv_budget
     from nanoserve.platform import host_available_memory
 
     tp = config.tensor_parallel_size
@@ -630,7 +631,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--probe", action="store_true", help="also start the engine and compare kv_cache_info() with the plan"
     )
-    g.add_argument("--json", action="store_true", help="print the plan as JSON (fields: see `pydoc nanoserve.plan`)")
+    g.add_argument("--json", action="store_true", help="print the plan as JSON (fields: see `pydoc nanoserve.tools.plan`)")
     p.set_defaults(run=run_cli)
 
 

@@ -1,0 +1,338 @@
+/* nanoserve's CPU kernels (float32, AVX2/FMA when available), loaded by native.py with ctypes.
+ * Each exported function has a torch reference in native.py's callers that tests compare it against. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+typedef float v8 __attribute__((vector_size(32), aligned(4)));   /* 8 floats; unaligned loads allowed */
+typedef int32_t i8 __attribute__((vector_size(32), aligned(4)));
+
+static inline v8 load8(const float *p) { return *(const v8 *)p; }
+static inline void store8(float *p, v8 x) { *(v8 *)p = x; }
+static inline v8 splat8(float x) { v8 r = {x, x, x, x, x, x, x, x}; return r; }
+static inline float hsum8(v8 a) { return ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7])); }
+static inline v8 select8(i8 mask, v8 a, v8 b) { return (v8)(((i8)a & mask) | ((i8)b & ~mask)); }
+
+/* r[j] = hsum8(a[j]) for 8 vectors at once (a transposing add tree: 4 + 2 + 1 vector adds instead of
+   8 separate horizontal sums). */
+static inline v8 hsum8x8(const v8 *a) {
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define HADD(x, y) (__builtin_shufflevector(x, y, 0, 2, 8, 10, 4, 6, 12, 14) + \
+                    __builtin_shufflevector(x, y, 1, 3, 9, 11, 5, 7, 13, 15))
+    v8 h01 = HADD(a[0], a[1]), h23 = HADD(a[2], a[3]), h45 = HADD(a[4], a[5]), h67 = HADD(a[6], a[7]);
+    v8 lo = HADD(h01, h23), hi = HADD(h45, h67);   /* lane groups: [a0 a1 a2 a3 | a0 a1 a2 a3] halves */
+#undef HADD
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 8, 9, 10, 11) + __builtin_shufflevector(lo, hi, 4, 5, 6, 7, 12, 13, 14, 15);
+#else
+    v8 r;
+    for (int j = 0; j < 8; j++) r[j] = hsum8(a[j]);
+    return r;
+#endif
+}
+
+/* exp(x), 8 lanes (Cephes expf: x = n ln2 + r, degree-5 polynomial in r; ~1 ulp). Inputs are clamped
+   to [-87, 88], where the result is a normal float. */
+static inline v8 exp8(v8 x) {
+    x = select8(x < splat8(-87.f), splat8(-87.f), x);
+    x = select8(x > splat8(88.f), splat8(88.f), x);
+    v8 n = x * 1.44269504088896341f + 0.5f;
+    i8 ni = __builtin_convertvector(n, i8);                        /* truncates toward 0 ... */
+    ni += (__builtin_convertvector(ni, v8) > n);                   /* ... so step down: floor */
+    n = __builtin_convertvector(ni, v8);
+    v8 r = x - n * 0.693359375f;
+    r = r + n * 2.12194440e-4f;
+    v8 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i8 bits = (ni + 127) << 23;
+    v8 scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* Parallelise a loop over rows only when there is enough work to pay for waking the other threads. */
+#define PAR_MIN_ELEMS 16384
+
+/* sum of squares of n floats (n a multiple of 8) */
+static inline float sumsq(const float *x, int64_t n) {
+    v8 a0 = {0}, a1 = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) { v8 u = load8(x + i), w = load8(x + i + 8); a0 += u * u; a1 += w * w; }
+    for (; i < n; i += 8) { v8 u = load8(x + i); a0 += u * u; }
+    return hsum8(a0 + a1);
+}
+
+/* y = w * (x * (1 / sqrt(mean(x^2) + eps))), the multiplications in transformers' order. n % 8 == 0. */
+static inline void rms_row(const float *x, const float *w, float eps, int64_t n, float *y) {
+    const float r = 1.0f / sqrtf(sumsq(x, n) / (float)n + eps);
+    for (int64_t i = 0; i < n; i += 8) store8(y + i, load8(w + i) * (load8(x + i) * r));
+}
+
+/* RMSNorm of T rows of H, optionally after a residual add:
+     residual == NULL:  out = norm(x)
+     residual != NULL:  residual = x + residual (in place, the next residual); out = norm(residual)
+   x rows are x_stride floats apart; residual and out are contiguous [T, H]. */
+void add_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float eps,
+                      int64_t T, int64_t H, float *out) {
+    #pragma omp parallel for schedule(static) if (T * H >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *xt = x + t * x_stride;
+        if (residual) {
+            float *rt = residual + t * H;
+            for (int64_t i = 0; i < H; i += 8) store8(rt + i, load8(xt + i) + load8(rt + i));
+            xt = rt;
+        }
+        rms_row(xt, w, eps, H, out + t * H);
+    }
+}
+
+/* x * cos + rotate_half(x) * sin for one head of D (D % 16 == 0), in place; separate roundings of the
+   products and the sum, as torch does them (this file is compiled with -ffp-contract=off). */
+static inline void rope_head(float *x, const float *c, const float *s, int64_t D) {
+    const int64_t half = D / 2;
+    for (int64_t i = 0; i < half; i += 8) {
+        v8 x1 = load8(x + i), x2 = load8(x + half + i);
+        v8 lo = x1 * load8(c + i) + (-x2) * load8(s + i);
+        v8 hi = x2 * load8(c + half + i) + x1 * load8(s + half + i);
+        store8(x + i, lo);
+        store8(x + half + i, hi);
+    }
+}
+
+/* One step's q/k/v after the fused projection, per token t (qkv row t is [q heads | k heads | v heads]):
+   optional per-head RMSNorm of q and k (q_w / k_w non-NULL: Qwen3), rotary embedding of q and k at
+   positions[t] (tables cos/sin [P, D]), all in place; then k and v are copied into cache slot slots[t]
+   of k_cache / v_cache ([num_slots, Hkv, D]). */
+void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                            const float *cos_t, const float *sin_t, const int64_t *positions,
+                            const float *q_w, const float *k_w, float eps,
+                            const int64_t *slots, float *k_cache, float *v_cache) {
+    #pragma omp parallel for schedule(static) if (T * (Hq + 2 * Hkv) * D >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        float *row = qkv + t * qkv_stride;
+        const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
+        for (int64_t h = 0; h < Hq + Hkv; h++) {
+            float *x = row + h * D;
+            const float *w = h < Hq ? q_w : k_w;
+            if (w) rms_row(x, w, eps, D, x);
+            rope_head(x, c, s, D);
+        }
+        if (slots) {
+            memcpy(k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);
+            memcpy(v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+        }
+    }
+}
+
+/* out[t] = silu(gu[t, :I]) * gu[t, I:], silu(x) = x / (1 + exp(-x)). I % 8 == 0. */
+void silu_mul_f32(const float *gu, int64_t T, int64_t I, float *out) {
+    #pragma omp parallel for schedule(static) if (T * I >= PAR_MIN_ELEMS)
+    for (int64_t t = 0; t < T; t++) {
+        const float *g = gu + t * 2 * I, *u = g + I;
+        float *o = out + t * I;
+        for (int64_t i = 0; i < I; i += 8) {
+            v8 x = load8(g + i);
+            store8(o + i, x / (1.0f + exp8(-x)) * load8(u + i));
+        }
+    }
+}
+
+/* Decode attention over a paged cache: out[d] = softmax(scale * q[d] K_d^T) V_d.
+   q:                [D, Hq, Dh], rows q_stride floats apart; Dh % 8 == 0
+   out:              [D, Hq, Dh] contiguous
+   k_cache, v_cache: [num_blocks, B, Hkv, Dh]     the two halves of one layer's cache
+   block_tables:     [D, table_stride] int64      sequence d's token t lives in block table[t / B], row t % B
+   context_lens:     [D] int64, >= 1              keys 0 .. len-1 are attended (the new token included)
+   A task is one sequence and a group of its KV heads; it reads each cached key and value once and shares
+   it between the G query heads of that KV head (GQA). */
+void paged_decode_attention_f32(
+    const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+    int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
+    int64_t B, float scale, float *out)
+{
+    const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-float chunks per head */
+    const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
+    int64_t total = 0;
+    for (int64_t d = 0; d < D; d++) total += context_lens[d];
+    /* fewer than ~256 KiB of keys: one thread is faster than waking the others */
+    const int nthreads = total * Hkv * Dh >= 4 * PAR_MIN_ELEMS ? omp_get_max_threads() : 1;
+    const int64_t splits = D < 2 * nthreads ? Hkv : 1;   /* few sequences: split their heads over tasks */
+    const int64_t hps = Hkv / splits;
+    #pragma omp parallel num_threads(nthreads)
+    {
+        int64_t cap = 0;
+        float *scores = NULL;                              /* [hps * G, L], L padded to a multiple of 8 */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < D * splits; task++) {
+            const int64_t d = task / splits, h0 = (task % splits) * hps;
+            const int64_t L = context_lens[d], Lp = (L + 7) & ~(int64_t)7, rows = hps * G;
+            if (Lp > cap) { free(scores); cap = Lp; scores = (float *)malloc(sizeof(float) * rows * cap); }
+            const int64_t *table = block_tables + d * table_stride;
+            const float *qd = q + d * q_stride + h0 * G * Dh;
+            const int64_t nblk = (L + B - 1) / B;
+            /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
+            for (int64_t b = 0; b < nblk; b++) {
+                const float *kb = k_cache + table[b] * block_stride + h0 * Dh;
+                const int64_t n = (b + 1) * B <= L ? B : L - b * B;
+                for (int64_t h = 0; h < hps; h++)
+                    for (int64_t g = 0; g < G; g++) {
+                        const float *qr = qd + (h * G + g) * Dh;
+                        float *sr = scores + (h * G + g) * Lp + b * B;
+                        int64_t j = 0;
+                        for (; j + 8 <= n; j += 8) {
+                            const float *k = kb + j * token_stride + h * Dh;
+                            v8 acc[8] = {{0}};
+                            for (int64_t c = 0; c < Dh; c += 8) {
+                                const v8 qc = load8(qr + c);
+                                for (int jj = 0; jj < 8; jj++) acc[jj] += qc * load8(k + jj * token_stride + c);
+                            }
+                            store8(sr + j, hsum8x8(acc) * scale);
+                        }
+                        for (; j < n; j++) {
+                            const float *k = kb + j * token_stride + h * Dh;
+                            v8 acc = {0};
+                            for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * load8(k + c);
+                            sr[j] = hsum8(acc) * scale;
+                        }
+                    }
+            }
+            /* softmax over t of each row; the padded tail gets probability 0 */
+            for (int64_t r = 0; r < rows; r++) {
+                float *s = scores + r * Lp;
+                float m = s[0];
+                for (int64_t t = 1; t < L; t++) m = s[t] > m ? s[t] : m;
+                for (int64_t t = L; t < Lp; t++) s[t] = m - 1000.0f;
+                v8 vsum = {0};
+                for (int64_t t = 0; t < Lp; t += 8) {
+                    v8 e = exp8(load8(s + t) - m);
+                    store8(s + t, e);
+                    vsum += e;
+                }
+                const float inv = 1.0f / hsum8(vsum);
+                for (int64_t t = 0; t < Lp; t += 8) store8(s + t, load8(s + t) * inv);
+            }
+            /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 floats at a time */
+            for (int64_t h = 0; h < hps; h++)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *p = scores + (h * G + g) * Lp;
+                    float *o = out + (d * Hq + (h0 + h) * G + g) * Dh;
+                    for (int64_t c0 = 0; c0 < C; c0 += 8) {
+                        const int64_t cn = C - c0 < 8 ? C - c0 : 8;
+                        v8 acc[8] = {{0}};
+                        for (int64_t b = 0; b < nblk; b++) {
+                            const float *vb = v_cache + table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
+                            const int64_t n = (b + 1) * B <= L ? B : L - b * B;
+                            for (int64_t j = 0; j < n; j++) {
+                                const float pt = p[b * B + j];
+                                const float *v = vb + j * token_stride;
+                                for (int64_t c = 0; c < cn; c++) acc[c] += pt * load8(v + 8 * c);
+                            }
+                        }
+                        for (int64_t c = 0; c < cn; c++) memcpy(o + 8 * (c0 + c), &acc[c], 32);
+                    }
+                }
+        }
+        free(scores);
+    }
+}
+
+/* y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for a few rows m, reading W in oneDNN's blocked layout for
+   linear weights on this CPU: blocks of B output rows, each stored [K][B] (so element (n, k) sits at
+   (n / B) * K * B + k * B + n % B; the caller has checked this against the real weight). One streaming pass
+   over W: at batch 1 a decode step is a read of every weight, and this runs near DRAM bandwidth where the
+   general GEMM reaches ~60% of it. acc is [M][B]; k is tiled so that with several rows the tile of W is
+   reread from L1, not from memory. */
+#define GEMV_MAX_ROWS 8
+#define GEMV_K_TILE 64
+#define GEMM_ROW_CHUNK 192
+static inline __attribute__((always_inline)) void gemv_block(const float *wb, int64_t K, const int NB,
+                                                            const float *x, int64_t M, int64_t x_stride,
+                                                            float *acc) {
+    for (int64_t i = 0; i < M * NB * 8; i++) acc[i] = 0.f;
+    const int64_t tile = M == 1 ? K : GEMV_K_TILE;
+    for (int64_t k0 = 0; k0 < K; k0 += tile) {
+        const int64_t k1 = k0 + tile < K ? k0 + tile : K;
+        for (int64_t m = 0; m < M; m++) {
+            v8 a[8];
+            for (int j = 0; j < NB; j++) a[j] = load8(acc + m * NB * 8 + 8 * j);
+            const float *xm = x + m * x_stride;
+            for (int64_t k = k0; k < k1; k++) {
+                const v8 xv = splat8(xm[k]);
+                const float *wk = wb + k * NB * 8;
+                for (int j = 0; j < NB; j++) a[j] += load8(wk + 8 * j) * xv;
+            }
+            for (int j = 0; j < NB; j++) store8(acc + m * NB * 8 + 8 * j, a[j]);
+        }
+    }
+}
+
+/* Rows m0..m0+MR of x against half h (32 outputs) of one 64-row block, over k in [k0, k1): MR x 4
+   accumulators (MR <= 3), so each W vector loaded from L1 feeds MR FMAs. acc is [rows][64]. */
+static inline __attribute__((always_inline)) void gemm_tile(const float *wb, int h, int64_t k0, int64_t k1,
+                                                           const float *x, int64_t x_stride, int64_t m0,
+                                                           const int MR, float *acc) {
+    v8 a[3][4];
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < 4; j++) a[r][j] = load8(acc + (m0 + r) * 64 + 32 * h + 8 * j);
+    for (int64_t k = k0; k < k1; k++) {
+        const float *wk = wb + k * 64 + 32 * h;
+        const v8 w0 = load8(wk), w1 = load8(wk + 8), w2 = load8(wk + 16), w3 = load8(wk + 24);
+        for (int r = 0; r < MR; r++) {
+            const v8 xv = splat8(x[(m0 + r) * x_stride + k]);
+            a[r][0] += w0 * xv; a[r][1] += w1 * xv; a[r][2] += w2 * xv; a[r][3] += w3 * xv;
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int j = 0; j < 4; j++) store8(acc + (m0 + r) * 64 + 32 * h + 8 * j, a[r][j]);
+}
+
+/* The same product for more rows (B = 64 only): k is tiled so that a 64 x 64 tile of W (16 KiB) is read
+   from memory once and then from L1 by every group of 3 rows. Why not oneDNN: with weights that are not in
+   cache (every decode step reads all of them once) its GEMM at 8-64 rows runs at ~50-60% of this machine's
+   FLOP/s; reading each tile once and reusing it from L1 brings that close to the FMA peak. */
+static void gemm_block64(const float *wb, int64_t K, const float *x, int64_t M, int64_t x_stride, float *acc) {
+    for (int64_t i = 0; i < M * 64; i++) acc[i] = 0.f;
+    for (int64_t k0 = 0; k0 < K; k0 += GEMV_K_TILE) {
+        const int64_t k1 = k0 + GEMV_K_TILE < K ? k0 + GEMV_K_TILE : K;
+        int64_t m = 0;
+        for (; m + 3 <= M; m += 3)
+            for (int h = 0; h < 2; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 3, acc);
+        /* the last 1-2 rows: MR must be a constant for the accumulators to stay in registers */
+        for (int h = 0; h < 2 && M - m == 2; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 2, acc);
+        for (int h = 0; h < 2 && M - m == 1; h++) gemm_tile(wb, h, k0, k1, x, x_stride, m, 1, acc);
+    }
+}
+
+void packed_gemv_f32(const float *w, int64_t N, int64_t K, int64_t Kp, int64_t B, const float *x, int64_t M,
+                     int64_t x_stride, const float *bias, float *y) {
+    const int64_t nblocks = (N + B - 1) / B;
+    /* Rows in chunks, so that the accumulators (and a k tile of x) stay in L1/L2 however many rows come. */
+    const int64_t chunk = M <= GEMV_MAX_ROWS ? GEMV_MAX_ROWS : GEMM_ROW_CHUNK;
+    #pragma omp parallel if (nblocks >= 4 && M * N * K >= 4 * PAR_MIN_ELEMS)
+    {
+        float *acc = aligned_alloc(64, (size_t)chunk * 64 * sizeof(float));
+        #pragma omp for schedule(static)
+        for (int64_t b = 0; b < nblocks; b++) {
+            const float *wb = w + b * Kp * B;  /* oneDNN may pad K to Kp in memory */
+            const int64_t n0 = b * B, nn = N - n0 < B ? N - n0 : B;
+            for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+                const int64_t mc = M - m0 < chunk ? M - m0 : chunk;
+                const float *xc = x + m0 * x_stride;
+                if (mc > GEMV_MAX_ROWS) gemm_block64(wb, K, xc, mc, x_stride, acc);
+                else if (B == 64) gemv_block(wb, K, 8, xc, mc, x_stride, acc);
+                else if (B == 32) gemv_block(wb, K, 4, xc, mc, x_stride, acc);
+                else gemv_block(wb, K, 2, xc, mc, x_stride, acc);
+                for (int64_t m = 0; m < mc; m++) {
+                    float *ym = y + (m0 + m) * N + n0;
+                    for (int64_t j = 0; j < nn; j++) ym[j] = acc[m * B + j] + (bias ? bias[n0 + j] : 0.f);
+                }
+            }
+        }
+        free(acc);
+    }
+}
