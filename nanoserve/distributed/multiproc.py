@@ -38,8 +38,8 @@ from tqdm.auto import tqdm
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup, create_tp_group
-from nanoserve.platform import local_cpu_count
 from nanoserve.engine.step import RunnerOutput, StepInput
+from nanoserve.platform import local_cpu_count
 from nanoserve.runner.model_runner import ModelRunner
 from nanoserve.runner.worker import start_rank
 

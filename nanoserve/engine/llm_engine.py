@@ -16,10 +16,10 @@ from nanoserve.distributed.kv_agreement import KVCacheInfo
 from nanoserve.engine.detokenizer import DetokenizerState, find_stop_string
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence
+from nanoserve.engine.step import StepInput
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.layers.sampler import SampledLogprobs, Sampler
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoserve.engine.step import StepInput
 from nanoserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)

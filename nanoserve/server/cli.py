@@ -95,12 +95,12 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from nanoserve.config import EngineConfig
-    from nanoserve.tools.demo import DEMO_MODEL_NAME
     from nanoserve.engine.async_engine import AsyncLLMEngine
     from nanoserve.engine.llm_engine import LLMEngine, load_tokenizer
     from nanoserve.server.app import build_app
     from nanoserve.server.metrics import ServerMetrics
     from nanoserve.server.serving import ServerSettings
+    from nanoserve.tools.demo import DEMO_MODEL_NAME
 
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise ValueError(f"--max-queued-requests must be >= 0, got {args.max_queued_requests}")

@@ -384,9 +384,9 @@ def make_plan(
     """
     from nanoserve.config import EngineConfig
     from nanoserve.distributed.kv_agreement import SKEW_WARNING
-    from nanoserve.runner.memory import budget_scale
     from nanoserve.models.decoder import head_dim_of
     from nanoserve.models.registry import resolve_architecture
+    from nanoserve.runner.memory import budget_scale
 
     path = resolve_model(model)
     config = EngineConfig.create(path, **engine_options)  # validates, incl. that the model splits over tp
@@ -491,8 +491,8 @@ def _cpu_budgets(
     config: Any, weight_bytes: int, host_available: int | None, problems: list[str], notes: list[str]
 ) -> tuple[list[tuple[int, str]], bool, int]:
     """Each rank's KV budget as ``cpu_kv_budget`` will decide it once the weights are loaded."""
-    from nanoserve.runner.memory import MAX_HOST_KV_FRACTION, cpu_kv_budget
     from nanoserve.platform import host_available_memory
+    from nanoserve.runner.memory import MAX_HOST_KV_FRACTION, cpu_kv_budget
 
     tp = config.tensor_parallel_size
     available = host_available_memory() if host_available is None else host_available

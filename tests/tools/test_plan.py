@@ -14,9 +14,9 @@ from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.models.decoder import BuildContext
 from nanoserve.models.registry import resolve_architecture
-from nanoserve.tools.plan import make_plan, probe
 from nanoserve.runner.memory import BUDGET_SCALE_ENV
 from nanoserve.runner.model_runner import ModelRunner
+from nanoserve.tools.plan import make_plan, probe
 
 # The top-level fields the module docstring documents for --json.
 DOCUMENTED_FIELDS = {

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from nanoserve.tools import verify
 from nanoserve.cli import main
 from nanoserve.testing.reference import hf_greedy, load_hf_model
+from nanoserve.tools import verify
 from nanoserve.tools.verify import ReferenceSteps, compare, read_prompts_file, reference_greedy, run_verify
 
 SMALL = dict(kv_cache_memory="2MiB", block_size=4)

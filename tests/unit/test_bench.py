@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from nanoserve.tools.bench import WorkloadSpec, forward_flops, make_workload
 from nanoserve.cli import main
+from nanoserve.tools.bench import WorkloadSpec, forward_flops, make_workload
 
 
 def test_workload_a_is_the_published_one() -> None:

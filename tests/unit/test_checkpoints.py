@@ -11,7 +11,6 @@ import pytest
 import torch
 import transformers
 
-from nanoserve.tools import demo
 from nanoserve.testing import checkpoints
 from nanoserve.testing.checkpoints import (
     DEFAULT_ARCH_CONFIGS,
@@ -23,6 +22,7 @@ from nanoserve.testing.checkpoints import (
     build_tokenizer,
 )
 from nanoserve.testing.reference import hf_greedy, load_hf_model
+from nanoserve.tools import demo
 
 TEXT = "Hello world, the quick brown fox jumps over 13 lazy dogs!\n\tSecond line: ok? <|im_end|> done."
 

@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
-from nanoserve.engine.step import SchedulerOutput
 from nanoserve.engine.sequence import Sequence, SequenceStatus
+from nanoserve.engine.step import SchedulerOutput
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.sampling_params import SamplingParams
 
