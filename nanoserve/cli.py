@@ -20,13 +20,18 @@ _SUBCOMMANDS = {
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a completion for a prompt and print it")
+    p = sub.add_parser(
+        "generate", help="generate a completion for a prompt and print it",
+        description="Generate a completion for each prompt and print it. A sampling flag left out takes the "
+                    "default in force: the model's generation_config.json value (see --generation-config), else "
+                    "the built-in one (that of SamplingParams). The defaults in force are printed to stderr.",
+    )  # fmt: skip
     add_engine_args(p)
     p.add_argument("--prompt", action="append", required=True, help="prompt text (repeat for several)")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=None, help="default: the model's max_new_tokens, else 16")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 1.0)")
+    p.add_argument("--top-p", type=float, default=None, help="default: the model's, else 1.0")
+    p.add_argument("--top-k", type=int, default=None, help="0 = no limit (default: the model's, else 0)")
     p.add_argument("--sample-seed", type=int, default=None, help="per-request seed")
     p.add_argument("--ignore-eos", action="store_true")
     p.set_defaults(run=_run_generate)
@@ -35,11 +40,14 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> int:
     from nanoserve import LLM, SamplingParams
 
-    params = SamplingParams(
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
-        seed=args.sample_seed, ignore_eos=args.ignore_eos,
-    )  # fmt: skip
+    flags = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens)
+    given = {name: value for name, value in flags.items() if value is not None}
+    given.update(seed=args.sample_seed, ignore_eos=args.ignore_eos)
+    SamplingParams(**given)  # refuse a bad flag before loading the model
     with LLM(resolve_model(args.model), **engine_kwargs(args)) as llm:
+        defaults = llm.generation_defaults
+        print(f"nanoserve: {defaults.summary()}", file=sys.stderr, flush=True)
+        params = defaults.sampling_params(**given)
         outputs = llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1)
     for out in outputs:
         if len(outputs) > 1:

@@ -6,6 +6,7 @@ lives in result objects elsewhere, never written back here.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = {
     "float32": torch.float32,
@@ -77,7 +80,10 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     dtype: torch.dtype = torch.float32
     device: str = "cpu"
-    max_model_len: int = 2048
+    max_model_len: int = 2048  # the most the engine may serve; the KV cache may fit less (see KVCacheInfo)
+    # True when the user gave max_model_len: then a KV cache too small for it refuses to start. False when it
+    # is the model's default: then start-up lowers it to what the agreed KV cache holds (KVCacheInfo).
+    max_model_len_explicit: bool = False
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     enable_chunked_prefill: bool = True
@@ -133,15 +139,8 @@ class EngineConfig:
             checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
         torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
 
-        limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-        if max_model_len is None:
-            max_model_len = limit
-        _positive_int(max_model_len, "max_model_len")
-        if max_model_len > limit:
-            raise ValueError(
-                f"max_model_len: {max_model_len} exceeds the model's max_position_embeddings ({limit}); "
-                f"pass max_model_len <= {limit}"
-            )
+        max_model_len_explicit = max_model_len is not None
+        max_model_len = resolve_max_model_len(hf_config, max_model_len)
         if max_num_batched_tokens is None:
             # Chunked prefill keeps steps short; without it a whole prompt must fit in one step.
             max_num_batched_tokens = 2048 if enable_chunked_prefill else max(2048, max_model_len)
@@ -163,6 +162,7 @@ class EngineConfig:
             dtype=torch_dtype,
             device=device,
             max_model_len=max_model_len,
+            max_model_len_explicit=max_model_len_explicit,
             max_num_seqs=max_num_seqs,
             max_num_batched_tokens=max_num_batched_tokens,
             enable_chunked_prefill=bool(enable_chunked_prefill),
@@ -199,6 +199,70 @@ def load_hf_config(path: Path) -> Any:
         return AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises a zoo of types here; normalise to one clear error
         raise ValueError(f"cannot read config.json of {str(path)!r}: {exc}") from exc
+
+
+def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
+    """The context length to serve: ``requested``, or by default the model's ``max_position_embeddings``.
+
+    Sliding-window attention is not implemented yet: every layer attends to the whole context. That is exact
+    only while a sequence is no longer than the smallest window (transformers' mask keeps the last
+    ``window`` keys, the query's own included), so an explicit length beyond it is refused and the default is
+    capped at it.
+    """
+    limit = getattr(hf_config, "max_position_embeddings", None) or 2048
+    windows = sliding_window_layers(hf_config)
+    window = min(windows.values()) if windows else None
+    if requested is None:
+        if window is not None and window < limit:
+            logger.warning(
+                "max_model_len defaults to %d, the sliding window of layers %s, not max_position_embeddings (%d): "
+                "nanoserve does not implement sliding-window attention yet, and full attention over a longer "
+                "context would not be the model's", window, _ranges(sorted(windows)), limit,
+            )  # fmt: skip
+            return window
+        return limit
+    _positive_int(requested, "max_model_len")
+    if requested > limit:
+        raise ValueError(
+            f"max_model_len: {requested} exceeds the model's max_position_embeddings ({limit}); "
+            f"pass max_model_len <= {limit}"
+        )
+    if window is not None and requested > window:
+        raise ValueError(
+            f"max_model_len: {requested} is longer than the sliding window ({window} tokens) of layers "
+            f"{_ranges(sorted(windows))}; nanoserve does not implement sliding-window attention yet, so those "
+            f"layers would attend beyond their window and the output would not be the model's; "
+            f"pass max_model_len <= {window}"
+        )
+    return requested
+
+
+def sliding_window_layers(hf_config: Any) -> dict[int, int]:
+    """Layer index -> window, for every layer that uses sliding-window attention.
+
+    The layer types transformers resolved decide: Qwen2/Qwen3 configs carry ``layer_types`` (derived from
+    ``use_sliding_window`` and ``max_window_layers`` when config.json has none; a ``sliding_window`` left
+    over with ``use_sliding_window`` false windows no layer). Without ``layer_types``, as in Mistral,
+    ``sliding_window`` applies to every layer.
+    """
+    window = getattr(hf_config, "sliding_window", None)
+    if not window:
+        return {}
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        return dict.fromkeys(range(hf_config.num_hidden_layers), int(window))
+    return {i: int(window) for i, kind in enumerate(layer_types) if kind == "sliding_attention"}
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

@@ -24,6 +24,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="CUDA: fraction of device memory to use")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable the prefix cache")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded sampling")
+    g.add_argument("--generation-config", default="auto", metavar="auto|vllm|FOLDER",
+                   help="default sampling settings (temperature, top_p, top_k, min_p, repetition_penalty, "
+                        "max_new_tokens) for requests that leave them unset: auto = the model's "
+                        "generation_config.json, vllm = ignore it (built-in defaults), or a FOLDER holding a "
+                        "generation_config.json (default: auto)")  # fmt: skip
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -41,6 +46,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
+        generation_config=args.generation_config,
     )
 
 

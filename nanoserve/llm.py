@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import itertools
 from collections.abc import Sequence as SequenceABC
 from typing import Any
@@ -10,8 +12,9 @@ from tqdm.auto import tqdm
 
 from nanoserve.config import EngineConfig
 from nanoserve.engine.llm_engine import LLMEngine, Prompt
+from nanoserve.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from nanoserve.outputs import RequestOutput
-from nanoserve.sampling_params import SamplingParams
+from nanoserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -39,6 +42,18 @@ class LLM:
         """The agreed KV block count, each rank's own estimate and what each rank really allocated."""
         return self.engine.kv_cache_info()
 
+    @functools.cached_property
+    def generation_defaults(self) -> GenerationDefaults:
+        """The default sampling settings in force and where they come from (``generation_config``: "auto" =
+        the checkpoint's generation_config.json, "vllm" = built-in only, or a folder); read once, on first use."""
+        return resolve_generation_defaults(self.config)
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses when given no ``sampling_params``: ``SamplingParams()`` with the checkpoint's
+        recommended settings (see :attr:`generation_defaults`) in place of the built-in ones. A new object on
+        every call, free to modify, as in vLLM."""
+        return self.generation_defaults.sampling_params()
+
     def generate(
         self,
         prompts: Prompt | SequenceABC[Prompt],
@@ -53,13 +68,16 @@ class LLM:
             prompts = [prompts]
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params_list = [sampling_params] * len(prompts)
         else:
             params_list = list(sampling_params)
             if len(params_list) != len(prompts):
                 raise ValueError(f"got {len(params_list)} sampling_params for {len(prompts)} prompts; pass one or one per prompt")
+        # One output per request, when it ends: no per-step output is built for a caller who waits anyway.
+        final_only = {id(p): dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY) for p in params_list}
+        params_list = [final_only[id(p)] for p in params_list]
         engine = self.engine
         for i, prompt in enumerate(prompts):
             try:

@@ -28,6 +28,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestOutput:
+    """One request's output. With ``RequestOutputKind.DELTA`` each output holds only what is new (text, token
+    ids, logprobs); :meth:`add` merges a later delta into this one."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -35,3 +38,22 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def add(self, later: RequestOutput) -> None:
+        """Merge ``later`` (a delta output of the same request) into this delta, in place: what a consumer
+        that fell behind receives as one piece."""
+        by_index = {c.index: c for c in self.outputs}
+        for c in later.outputs:
+            mine = by_index.get(c.index)
+            if mine is None:
+                self.outputs.append(c)
+                continue
+            mine.text += c.text
+            mine.token_ids = mine.token_ids + c.token_ids
+            if c.logprobs is not None:
+                mine.logprobs = (mine.logprobs or []) + c.logprobs
+            mine.cumulative_logprob = c.cumulative_logprob
+            mine.finish_reason, mine.stop_reason = c.finish_reason, c.stop_reason
+        self.finished = later.finished
+        self.num_cached_tokens = later.num_cached_tokens
+        self.metrics = later.metrics

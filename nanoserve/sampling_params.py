@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 import sys
 from dataclasses import dataclass, field
 
@@ -11,6 +12,17 @@ MAX_N = 64
 # Temperatures below this decode greedily (vLLM's _SAMPLING_EPS): dividing logits by a temperature that small
 # gives inf (NaN after softmax) once it underflows float32, and differs from argmax only on exact ties anyway.
 SAMPLING_EPS = 1e-5
+
+
+class RequestOutputKind(enum.Enum):
+    """What the engine hands back each step, as in vLLM: everything so far (``CUMULATIVE``), only what is new
+    since the last output (``DELTA``: what a stream sends), or one output when the request ends
+    (``FINAL_ONLY``: what ``LLM.generate`` and non-streaming requests use). The final output is the same
+    either way for CUMULATIVE and FINAL_ONLY; DELTA outputs add up to it."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass
@@ -42,6 +54,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     # Filled by the engine from the tokenizer; users normally leave it alone.
     _stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
 
@@ -103,11 +116,22 @@ class SamplingParams:
         _check_number(self.repetition_penalty, "repetition_penalty")
         if self.repetition_penalty <= 0:
             fail("repetition_penalty", f"must be > 0 (1 disables it), got {self.repetition_penalty}")
+        if not isinstance(self.output_kind, RequestOutputKind):
+            fail("output_kind", f"must be a RequestOutputKind, got {self.output_kind!r}")
 
     @property
     def greedy(self) -> bool:
         """Decoded by argmax (the first of equal maxima); the sampler's one test for it."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    @property
+    def stop_holdback(self) -> int:
+        """Characters of new text held back while the request runs: a stop string that began in them would
+        cut the text there, and released text is never taken back. Nothing is held back when the stop string
+        itself is kept (the cut then falls after it)."""
+        if not self._stop_strings or self.include_stop_str_in_output:
+            return 0
+        return max(len(s) for s in self._stop_strings) - 1
 
     @property
     def has_penalties(self) -> bool:

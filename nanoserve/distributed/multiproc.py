@@ -72,10 +72,20 @@ def _init_group(config: EngineConfig, rank: int, world_size: int, store: Any) ->
 
 
 def _env_store(rank: int, world_size: int) -> Any:
-    """torchrun mode: rank 0 hosts the store at MASTER_ADDR:MASTER_PORT, the others connect to it."""
+    """torchrun mode: the store at MASTER_ADDR:MASTER_PORT.
+
+    Under the torch elastic launcher (``torchrun``) its agent already hosts that store and says so with
+    ``TORCHELASTIC_USE_AGENT_STORE=True`` (tested exactly as torch.distributed.rendezvous does): every rank
+    connects as a client, since hosting a second server on the same port fails to bind. Keys go under the
+    launcher's restart count, so a restarted job never reads a previous attempt's keys from the long-lived
+    agent store. Started by hand with the variables alone, rank 0 hosts the store and the others connect.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True):
+        store = dist.TCPStore(addr, port, world_size, is_master=False, timeout=_STORE_TIMEOUT)
+        return dist.PrefixStore(f"nanoserve-attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
     return dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=rank == 0,
-        timeout=_STORE_TIMEOUT, wait_for_workers=False,
+        addr, port, world_size, is_master=rank == 0, timeout=_STORE_TIMEOUT, wait_for_workers=False,
     )  # fmt: skip
 
 

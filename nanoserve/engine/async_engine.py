@@ -12,8 +12,9 @@ and sleeps on the queue otherwise. Outputs go back to each request's :class:`Req
                                                 engine.step() ◄──────┘
     RequestStream ◄── call_soon_threadsafe ──── outputs of the step
 
-Outputs are cumulative (the whole text and token ids so far), so a stream keeps only the newest one: a slow
-consumer skips intermediate outputs and loses nothing. If the engine thread fails, every in-flight request
+A stream buffers what its consumer has not read yet: cumulative outputs replace each other (the newest holds
+everything), delta outputs (``RequestOutputKind.DELTA``, what the server streams) are merged, so a slow
+consumer gets one larger delta and loses nothing. If the engine thread fails, every in-flight request
 fails with :class:`EngineDeadError` and :attr:`AsyncLLMEngine.is_healthy` turns false. A tensor-parallel worker
 that dies is noticed by the step that needs it (its collective fails) or, while the engine is idle, by the
 thread's own health check every ``HEALTH_CHECK_INTERVAL_S``, so ``/health`` turns 503 without waiting for traffic.
@@ -22,7 +23,6 @@ thread's own health check every ``HEALTH_CHECK_INTERVAL_S``, so ``/health`` turn
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import queue
 import threading
@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from nanoserve.engine.llm_engine import LLMEngine, Prompt
 from nanoserve.outputs import RequestOutput
-from nanoserve.sampling_params import SamplingParams
+from nanoserve.sampling_params import RequestOutputKind, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -100,15 +100,17 @@ class EngineObserver(Protocol):
 class RequestStream:
     """Outputs of one request: the engine thread posts (via the loop), one consumer on the loop reads.
 
-    Holds only the newest pending output (outputs are cumulative, so nothing is lost); a final output or an
-    error ends the stream. Lives entirely on its event loop's thread.
+    Holds the output not yet read: the newest one, or with ``merge_deltas`` all unread deltas merged into one;
+    a final output or an error ends the stream. Lives entirely on its event loop's thread.
     """
 
     def __init__(
-        self, request_id: str, loop: asyncio.AbstractEventLoop, on_end: Callable[[RequestStream, bool], None]
-    ) -> None:
+        self, request_id: str, loop: asyncio.AbstractEventLoop, on_end: Callable[[RequestStream, bool], None],
+        merge_deltas: bool = False,
+    ) -> None:  # fmt: skip
         self.request_id = request_id
         self.loop = loop
+        self.merge_deltas = merge_deltas
         self.accepted: asyncio.Future[None] = loop.create_future()
         self.finished = False  # the final output (or an error) was handed to the consumer
         self._latest: RequestOutput | None = None
@@ -135,7 +137,10 @@ class RequestStream:
 
     def _put(self, output: RequestOutput) -> None:
         if self._error is None and not (self._latest is not None and self._latest.finished):
-            self._latest = output
+            if self.merge_deltas and self._latest is not None:
+                self._latest.add(output)
+            else:
+                self._latest = output
             self._ready.set()
             if output.finished:
                 self._end(abort=False)
@@ -175,8 +180,7 @@ class _Tracked:
 
     stream: RequestStream
     arrival: float
-    last_output_time: float | None = None
-    num_output_tokens: int = 0
+    last_token_time: float | None = None
 
 
 @dataclass(frozen=True)
@@ -215,7 +219,7 @@ class AsyncLLMEngine:
         self.max_queued_requests = max_queued_requests
         self.observer = observer
         self.limits = EngineLimits(
-            max_model_len=engine.config.max_model_len,
+            max_model_len=engine.max_model_len,
             kv_capacity_tokens=engine.block_manager.num_blocks * engine.block_manager.block_size,
             vocab_size=engine.vocab_size,
         )
@@ -300,8 +304,11 @@ class AsyncLLMEngine:
                 )
         loop = asyncio.get_running_loop()
         arrival = time.monotonic() if arrival_time is None else arrival_time
-        adds = [_Add(RequestStream(rid, loop, self._on_stream_end), prompt, params, arrival)
-                for rid, prompt, params in requests]  # fmt: skip
+        adds = [
+            _Add(RequestStream(rid, loop, self._on_stream_end, params.output_kind is RequestOutputKind.DELTA),
+                 prompt, params, arrival)
+            for rid, prompt, params in requests
+        ]  # fmt: skip
         self._num_in_flight += len(adds)
         try:
             with self._lock:
@@ -331,7 +338,7 @@ class AsyncLLMEngine:
     async def generate(
         self, prompt: Prompt, params: SamplingParams, request_id: str, arrival_time: float | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Cumulative outputs of one request; the last has ``finished=True``. If the consumer stops early
+        """Outputs of one request (by its ``output_kind``); the last has ``finished=True``. If the consumer stops early
         (closes the generator, is cancelled, raises), the request is aborted."""
         stream = await self.add_request(request_id, prompt, params, arrival_time)
         try:
@@ -360,6 +367,7 @@ class AsyncLLMEngine:
                     break
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
+                    self._observe_tokens(self.engine.stats.last_step_request_ids)
                     self._deliver(outputs)
                     self.snapshot = self._take_snapshot()
                     if self.observer is not None:
@@ -423,11 +431,6 @@ class AsyncLLMEngine:
             if tracked is None:
                 continue
             self._observe(tracked, output, now)
-            # The engine keeps appending to its logprob lists; hand over a copy that no longer moves.
-            output.outputs = [
-                dataclasses.replace(c, logprobs=list(c.logprobs)) if c.logprobs is not None else c
-                for c in output.outputs
-            ]
             if output.finished:
                 del self._tracked[output.request_id]
                 self._num_finished += 1
@@ -438,15 +441,23 @@ class AsyncLLMEngine:
             except RuntimeError:  # that loop is closed: its consumers are gone
                 pass
 
-    def _observe(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
-        num_tokens = sum(len(c.token_ids) for c in output.outputs)
-        if self.observer is not None and num_tokens > tracked.num_output_tokens:
-            if tracked.last_output_time is None:
+    def _observe_tokens(self, request_ids: list[str]) -> None:
+        """Token timing of the requests that received tokens in the last step, whatever outputs they asked
+        for (a non-streamed request gets no output until it ends, but its tokens still arrive one a step)."""
+        if self.observer is None:
+            return
+        now = time.monotonic()
+        for request_id in request_ids:
+            tracked = self._tracked.get(request_id)
+            if tracked is None:
+                continue
+            if tracked.last_token_time is None:
                 self.observer.on_first_token(now - tracked.arrival)
             else:
-                self.observer.on_token_interval(now - tracked.last_output_time)
-            tracked.last_output_time = now
-        tracked.num_output_tokens = num_tokens
+                self.observer.on_token_interval(now - tracked.last_token_time)
+            tracked.last_token_time = now
+
+    def _observe(self, tracked: _Tracked, output: RequestOutput, now: float) -> None:
         if self.observer is not None and output.finished:
             reasons = {c.finish_reason for c in output.outputs}
             reason = "abort" if "abort" in reasons else ("length" if "length" in reasons else "stop")

@@ -1,4 +1,5 @@
-"""Incremental detokenization and stop-string detection for one sequence."""
+"""Incremental detokenization and stop-string search for one sequence. Each step costs a few tokens' decode,
+whatever the sequence's length: the text itself is kept by the output processor, never rebuilt here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,6 @@ class DetokenizerState:
     ids: list[int] = field(default_factory=list)  # a little prompt context + generated tokens
     prefix_offset: int = 0
     read_offset: int = 0
-    text: str = ""
 
     @classmethod
     def start(cls, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool) -> DetokenizerState:
@@ -33,7 +33,6 @@ class DetokenizerState:
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
             delta = full[len(prefix) :]
             self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            self.text += delta
             return delta
         return ""
 

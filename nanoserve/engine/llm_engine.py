@@ -1,5 +1,9 @@
 """The engine: requests in, one scheduled step at a time, outputs out. Synchronous; the offline ``LLM`` and
-the async server engine both drive it."""
+the async server engine both drive it.
+
+A step is schedule → execute on every rank → sample → update the scheduler → the output processor applies
+the stop rules and makes the outputs → the scheduler frees what finished. Data flows one way: the scheduler
+decides, the runner computes, the output processor is the only one that ends a request."""
 
 from __future__ import annotations
 
@@ -13,35 +17,23 @@ from typing import Any
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.kv_agreement import KVCacheInfo
-from nanoserve.engine.detokenizer import DetokenizerState, find_stop_string
+from nanoserve.engine.output_processor import OutputProcessor, ProcessedStep, RequestState
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence
-from nanoserve.engine.step import StepInput
+from nanoserve.engine.step import SchedulerOutput, StepInput
 from nanoserve.kvcache.block_manager import BlockManager
-from nanoserve.layers.sampler import SampledLogprobs, Sampler
-from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
+from nanoserve.layers.sampler import Sampler
+from nanoserve.outputs import RequestOutput
 from nanoserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 CHECK_INVARIANTS_ENV = "NANOSERVE_CHECK_INVARIANTS"
+# Fraction of the KV blocks that admission leaves free for running sequences to grow into (at least one
+# block); measured in benchmarks/preemption_watermark.py.
+WATERMARK_FRACTION = 0.02
 
 Prompt = str | list[int] | dict[str, Any]
-
-
-@dataclass
-class _RequestState:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    detok: list[DetokenizerState]
-    logprobs: list[list[dict[int, Logprob]] | None]
-    cumulative_logprob: list[float]
-    arrival_time: float
-    first_token_time: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -51,6 +43,7 @@ class EngineStats:
     generation_tokens: int = 0
     max_running_in_step: int = 0
     last_step_running: int = 0
+    last_step_request_ids: list[str] = field(default_factory=list)  # requests that received a token
 
 
 def eos_token_ids(config: EngineConfig, tokenizer: Any) -> set[int]:
@@ -96,17 +89,21 @@ class LLMEngine:
                 executor = MultiprocExecutor(config)
         self.executor = executor
         info: KVCacheInfo = executor.kv_info
+        # The context length really served: the configured one, or what the agreed KV cache holds when no
+        # max_model_len was given (see kv_agreement).
+        self.max_model_len = info.max_model_len or config.max_model_len
         self.block_manager = BlockManager(info.num_blocks, config.block_size, config.enable_prefix_caching)
         limits = SchedulerLimits(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
+            max_model_len=self.max_model_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
+            watermark_blocks=max(1, int(info.num_blocks * WATERMARK_FRACTION)),
         )
-        self.scheduler = Scheduler(limits, self.block_manager, self.eos_token_ids)
+        self.scheduler = Scheduler(limits, self.block_manager)
+        self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.sampler = Sampler(self.eos_token_ids, config.seed, device="cpu" if config.device == "cpu" else "cuda")
         self.vocab_size = int(config.hf_config.vocab_size)
-        self.requests: dict[str, _RequestState] = {}
         self.stats = EngineStats()
         self.check_invariants = os.environ.get(CHECK_INVARIANTS_ENV, "") not in ("", "0")
         self._next_seq_id = 0
@@ -139,8 +136,13 @@ class LLMEngine:
                 raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
         return list(ids)
 
+    @property
+    def requests(self) -> dict[str, RequestState]:
+        """Unfinished requests by id (the output processor's state of each)."""
+        return self.output_processor.requests
+
     def check_prompt_fits(self, num_prompt_tokens: int) -> None:
-        limit = self.config.max_model_len
+        limit = self.max_model_len
         if num_prompt_tokens >= limit:
             raise ValueError(
                 f"prompt has {num_prompt_tokens} tokens but max_model_len is {limit}, leaving no room to generate; "
@@ -167,133 +169,66 @@ class LLMEngine:
             seq.first_sibling = seqs[0] if seqs else None
             self._next_seq_id += 1
             seqs.append(seq)
-        state = _RequestState(
-            request_id, text, list(token_ids), params, seqs,
-            [DetokenizerState.start(self.tokenizer, token_ids, params.skip_special_tokens) for _ in seqs],
-            [[] if params.logprobs is not None else None for _ in seqs],
-            [0.0] * len(seqs), now,
-        )  # fmt: skip
-        self.requests[request_id] = state
+        self.output_processor.add_request(request_id, text, token_ids, params, seqs, now)
         self.stats.prompt_tokens += len(token_ids)
         for seq in seqs:
             self.scheduler.add(seq)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its blocks; returns its final output (finish_reason 'abort')."""
+        """Stop a request now and free its blocks; returns its last output (finish_reason 'abort')."""
         state = self.requests.get(request_id)
         if state is None:
             return None
-        for seq in state.seqs:
-            self.scheduler.finish(seq, "abort")
-        self.scheduler.finished_in_step = [s for s in self.scheduler.finished_in_step if s.request_id != request_id]
-        return self._finalize(state)
+        finishes, output = self.output_processor.abort(request_id)
+        self.scheduler.finish_seqs(finishes)
+        self._forget([s.seq for s in state.samples])
+        self._release_if_idle()
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
     # ---- the step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run, sample, apply. Returns outputs of the requests that changed."""
+        """Schedule, run, sample, apply. Returns outputs of the requests that changed (by their output kind)."""
         out = self.scheduler.schedule()
-        sampling = [s for c, s in zip(out.chunks, out.seqs) if c.sample]
-        logits = self.executor.execute(StepInput(out.chunks, out.released_seq_ids)).logits if out.chunks else None
+        sampling = out.sampling_seqs
+        logits = self.executor.execute(out.step_input()).logits if out.chunks or out.released_seq_ids else None
         sampled = self.sampler(logits, sampling) if sampling else None
         advanced = self.scheduler.update_from_output(out, sampled.token_ids if sampled else [])
-        self._record_step(out, len(advanced))
-        outputs = self._process(advanced, sampled, sampling)
+        done = self.output_processor.process(advanced, sampled.logprobs if sampled else None, out.out_of_capacity)
+        self.scheduler.finish_seqs(done.finished)
+        self._end_requests(done)
+        self._record_step(out, advanced)
+        self._release_if_idle()
         if self.check_invariants:
             self.scheduler.check_integrity()
-        return outputs
+        return done.outputs
 
-    def _record_step(self, out: Any, num_sampled: int) -> None:
+    def _end_requests(self, done: ProcessedStep) -> None:
+        for state in done.finished_requests:
+            self._forget([s.seq for s in state.samples])
+
+    def _forget(self, seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            self.sampler.forget(seq.seq_id)
+
+    def _release_if_idle(self) -> None:
+        """Tell the ranks about finished sequences now if no step follows (otherwise the next step carries
+        them): a drained engine leaves no block table behind on any rank."""
+        if self.scheduler.has_pending_releases and not self.scheduler.has_unfinished():
+            self.executor.execute(StepInput([], self.scheduler.take_released()))
+
+    def runner_block_table_counts(self) -> list[int]:
+        """How many block tables every rank holds now, by rank (a check for tests: 0 when idle)."""
+        return self.executor.execute(StepInput([], self.scheduler.take_released(), report_tables=True)).num_block_tables
+
+    def _record_step(self, out: SchedulerOutput, advanced: list[Sequence]) -> None:
         self.stats.num_steps += 1
-        self.stats.generation_tokens += num_sampled
+        self.stats.generation_tokens += len(advanced)
+        self.stats.last_step_request_ids = list(dict.fromkeys(s.request_id for s in advanced))
         self.stats.last_step_running = len(out.chunks)
         self.stats.max_running_in_step = max(self.stats.max_running_in_step, len(out.chunks))
-
-    def _process(self, advanced: list[Sequence], sampled: Any, sampling: list[Sequence]) -> list[RequestOutput]:
-        now = time.monotonic()
-        logprob_of = {}
-        if sampled is not None:
-            logprob_of = {id(s): lp for s, lp in zip(sampling, sampled.logprobs)}
-        touched: dict[str, _RequestState] = {}
-        for seq in advanced:
-            state = self.requests[seq.request_id]
-            touched[state.request_id] = state
-            if state.first_token_time is None:
-                state.first_token_time = now
-                state.metrics["time_to_first_token"] = now - state.arrival_time
-            token = seq.token_ids[-1]
-            lp = logprob_of.get(id(seq))
-            if lp is not None:
-                self._append_logprobs(state, seq.sample_index, token, lp)
-            ended_by_token = seq.is_finished and seq.finish_reason == "stop"
-            if ended_by_token:
-                continue  # EOS / stop token: kept in token_ids, not shown in text
-            detok = state.detok[seq.sample_index]
-            delta = detok.append(token)
-            stops = seq.params._stop_strings
-            if delta and stops and seq.num_output_tokens >= seq.params.min_tokens:
-                found = find_stop_string(detok.text, len(delta), stops)
-                if found is not None:
-                    stop, pos = found
-                    detok.text = detok.text[: pos + (len(stop) if seq.params.include_stop_str_in_output else 0)]
-                    if seq.is_finished:
-                        # The same token also hit max_tokens / max_model_len (the scheduler already ended
-                        # it as "length"); the stop string wins, as in vLLM, since the text was cut by it.
-                        seq.finish_reason, seq.stop_reason = "stop", stop
-                    else:
-                        self.scheduler.finish(seq, "stop", stop_reason=stop)
-        for seq in self.scheduler.finished_in_step:
-            state = self.requests.get(seq.request_id)
-            if state is not None:
-                touched[state.request_id] = state
-        self.scheduler.finished_in_step = []
-        outputs = []
-        for state in touched.values():
-            if all(s.is_finished for s in state.seqs):
-                outputs.append(self._finalize(state))
-            else:
-                outputs.append(self._make_output(state, finished=False))
-        return outputs
-
-    def _append_logprobs(self, state: _RequestState, index: int, token: int, lp: SampledLogprobs) -> None:
-        state.cumulative_logprob[index] += lp.token_logprob
-        entry = {tid: Logprob(v, rank + 1) for rank, (tid, v) in enumerate(zip(lp.top_ids, lp.top_logprobs))}
-        entry[token] = Logprob(lp.token_logprob, lp.token_rank)
-        state.logprobs[index].append(entry)
-
-    def _finalize(self, state: _RequestState) -> RequestOutput:
-        self.requests.pop(state.request_id, None)
-        for seq in state.seqs:
-            self.sampler.forget(seq.seq_id)
-        return self._make_output(state, finished=True)
-
-    def _make_output(self, state: _RequestState, finished: bool) -> RequestOutput:
-        completions = []
-        for seq, detok, lps, cum in zip(state.seqs, state.detok, state.logprobs, state.cumulative_logprob):
-            completions.append(
-                CompletionOutput(
-                    index=seq.sample_index,
-                    text=detok.text,
-                    token_ids=list(seq.output_token_ids),
-                    cumulative_logprob=cum if lps is not None else None,
-                    logprobs=list(lps) if lps is not None else None,  # a snapshot: outputs must not grow later
-                    finish_reason=seq.finish_reason,
-                    stop_reason=seq.stop_reason,
-                )
-            )
-        if finished:
-            state.metrics["e2e_latency"] = time.monotonic() - state.arrival_time
-        return RequestOutput(
-            request_id=state.request_id,
-            prompt=state.prompt,
-            prompt_token_ids=state.prompt_token_ids,
-            outputs=completions,
-            finished=finished,
-            num_cached_tokens=state.seqs[0].num_cached_prompt_tokens,
-            metrics=dict(state.metrics),
-        )
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -4,17 +4,21 @@ Each step, running sequences go first (oldest first): each asks for the tokens i
 one for a decoding sequence, a chunk for a long prompt. If the KV cache cannot hold them, the newest running
 sequence is preempted (its blocks freed, its tokens kept to be recomputed later). Then, if nothing was
 preempted, waiting sequences are admitted first-come-first-served while budget, ``max_num_seqs`` and blocks
-allow. The decisions leave as a :class:`SchedulerOutput`; the sampled tokens come back through
-:meth:`Scheduler.update_from_output`.
+allow, keeping ``watermark_blocks`` free for the running sequences to grow into (without it, admission
+may take every free block and the next decode step preempts the newcomer again). The decisions leave as a
+:class:`SchedulerOutput`; the sampled tokens come back through :meth:`Scheduler.update_from_output`. The
+scheduler never decides that a request is done: the output processor does, and hands the finished sequences
+back through :meth:`Scheduler.finish_seqs`, once per step.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nanoserve.engine.sequence import Sequence, SequenceStatus
-from nanoserve.engine.step import ScheduledChunk, SchedulerOutput
+from nanoserve.engine.step import Finish, ScheduledChunk, SchedulerOutput
 from nanoserve.kvcache.block_manager import BlockManager
 
 
@@ -24,20 +28,21 @@ class SchedulerLimits:
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    # Blocks admission leaves free for running sequences (see the module docstring); chosen by measurement
+    # in benchmarks/preemption_watermark.py.
+    watermark_blocks: int = 0
 
 
 class Scheduler:
-    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager, eos_token_ids: set[int]) -> None:
+    def __init__(self, limits: SchedulerLimits, block_manager: BlockManager) -> None:
         self.limits = limits
         self.block_manager = block_manager
-        self.eos_token_ids = set(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._released: list[int] = []
         self.num_admitted = 0
         self.num_finished = 0
         self.num_preemptions = 0
-        self.finished_in_step: list[Sequence] = []  # drained by the engine after each step
 
     # ---- intake and exits ----------------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -48,7 +53,21 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+    @property
+    def has_pending_releases(self) -> bool:
+        """Sequences the runners still hold tables for; the next step message carries them."""
+        return bool(self._released)
+
+    def take_released(self) -> list[int]:
+        released, self._released = self._released, []
+        return released
+
+    def finish_seqs(self, finishes: Iterable[Finish]) -> None:
+        """Apply the output processor's finish decisions of one step: end each sequence, free its blocks."""
+        for f in finishes:
+            self._finish(f.seq, f.reason, f.stop_reason)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         """End ``seq`` (any state) and return its blocks at once."""
         if seq.is_finished:
             return
@@ -65,7 +84,6 @@ class Scheduler:
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         self.num_finished += 1
-        self.finished_in_step.append(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -82,6 +100,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.limits.max_num_batched_tokens
         scheduled: list[tuple[Sequence, int]] = []
+        out_of_capacity: list[Sequence] = []
         num_preempted = 0
 
         i = 0
@@ -91,7 +110,8 @@ class Scheduler:
             while not self.block_manager.append_slots(seq, num_new):
                 if len(self.running) == 1:
                     # Alone and still out of blocks: the cache can never hold this sequence's next token.
-                    self.finish(seq, "length")
+                    self._finish(seq, "length")
+                    out_of_capacity.append(seq)
                     break
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -109,17 +129,20 @@ class Scheduler:
             budget = self._admit(budget, scheduled)
 
         chunks = [self._chunk(seq, n) for seq, n in scheduled]
-        released, self._released = self._released, []
-        return SchedulerOutput(chunks, released, [s for s, _ in scheduled], num_preempted)
+        return SchedulerOutput(chunks, self.take_released(), [s for s, _ in scheduled], num_preempted, out_of_capacity)
 
     def _admit(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> int:
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            seq = self.waiting[0]
+        i = 0  # index into waiting: samples waiting for their sibling's prompt are skipped, not waited on
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.limits.max_num_seqs:
+            seq = self.waiting[i]
             sibling = seq.first_sibling
             if sibling is not None and not sibling.is_finished:
                 if sibling.num_computed_tokens < sibling.num_prompt_tokens:
-                    break  # wait one step or two: then we share its prompt blocks instead of recomputing
+                    # Share its prompt blocks once it has computed them, instead of recomputing; meanwhile
+                    # the requests behind this one go ahead.
+                    i += 1
+                    continue
             reused = bm.find_cached_prefix(seq)
             shareable = (seq.num_prompt_tokens - 1) // bm.block_size
             if (
@@ -134,12 +157,17 @@ class Scheduler:
             if remaining > budget and not self.limits.enable_chunked_prefill:
                 break
             num_new = min(remaining, budget)
-            if not bm.allocate(seq, reused, num_new):
+            # Leave the watermark free for the running sequences, unless nothing runs (then nothing can be
+            # preempted, and a sequence that fits must be admitted).
+            watermark = self.limits.watermark_blocks if self.running else 0
+            if not bm.can_allocate(seq, reused, num_new, reserve=watermark) or not bm.allocate(seq, reused, num_new):
                 break
             if seq.num_preemptions == 0:
-                bm.record_lookup(seq.num_prompt_tokens, len(reused) * bm.block_size)
                 seq.num_cached_prompt_tokens = len(reused) * bm.block_size
-            self.waiting.popleft()
+                if sibling is None:
+                    # One lookup per request: later samples reuse sample 0's blocks, which is no cache hit.
+                    bm.record_lookup(seq.num_prompt_tokens, len(reused) * bm.block_size)
+            del self.waiting[i]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             scheduled.append((seq, num_new))
@@ -162,8 +190,8 @@ class Scheduler:
         return chunk
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Advance computed counts, append sampled tokens (one per sampling chunk, in order) and apply the
-        token-level stop rules. Returns the sequences that received a token."""
+        """Advance computed counts and append sampled tokens (one per sampling chunk, in order). Returns the
+        sequences that received a token, for the output processor to apply the stop rules to."""
         bm = self.block_manager
         tokens = iter(sampled_token_ids)
         advanced: list[Sequence] = []
@@ -178,22 +206,7 @@ class Scheduler:
                 continue
             seq.token_ids.append(token)
             advanced.append(seq)
-            self._check_stop(seq, token)
         return advanced
-
-    def _check_stop(self, seq: Sequence, token: int) -> None:
-        params = seq.params
-        if seq.num_output_tokens >= params.min_tokens:
-            if not params.ignore_eos and token in self.eos_token_ids:
-                self.finish(seq, "stop")
-                return
-            if token in params.stop_token_ids:
-                self.finish(seq, "stop", stop_reason=token)
-                return
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
-            self.finish(seq, "length")
-        elif len(seq.token_ids) >= self.limits.max_model_len:
-            self.finish(seq, "length")
 
     # ---- checks --------------------------------------------------------------------------------------
     def check_integrity(self) -> None:

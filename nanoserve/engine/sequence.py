@@ -33,6 +33,7 @@ class Sequence:
     num_computed_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)  # memo of full-block hashes (prefix caching)
+    num_hashed_blocks: int = 0  # block manager's cursor: blocks of block_ids already offered to the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"

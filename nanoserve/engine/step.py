@@ -57,6 +57,16 @@ class RunnerOutput:
     num_block_tables: list[int] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """A finish decision for one sequence: made by the output processor, applied by the scheduler (which
+    frees its blocks)."""
+
+    seq: Sequence
+    reason: str  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+
+
 @dataclass
 class SchedulerOutput:
     """The scheduler's decisions for one step. Driver-side only; ``step_input`` is what the ranks see."""

@@ -35,6 +35,7 @@ class BlockHolder(Protocol):
     block_ids: list[int]
     block_hashes: list[int]
     num_computed_tokens: int
+    num_hashed_blocks: int  # blocks of the table cache_full_blocks has looked at (owned by the block manager)
 
 
 @dataclass(slots=True)
@@ -116,10 +117,11 @@ class BlockManager:
             self.stats.hits += num_hit_tokens
 
     # ---- allocation ----------------------------------------------------------------------------------
-    def can_allocate(self, seq: BlockHolder, reused: list[int], num_new_tokens: int) -> bool:
+    def can_allocate(self, seq: BlockHolder, reused: list[int], num_new_tokens: int, reserve: int = 0) -> bool:
+        """Whether :meth:`allocate` would succeed and still leave ``reserve`` blocks free."""
         num_reused_free = sum(1 for b in reused if self.blocks[b].ref_count == 0)
         total_tokens = len(reused) * self.block_size + num_new_tokens
-        return self.blocks_needed(total_tokens) - len(reused) + num_reused_free <= len(self._free)
+        return self.blocks_needed(total_tokens) - len(reused) + num_reused_free + reserve <= len(self._free)
 
     def allocate(self, seq: BlockHolder, reused: list[int], num_new_tokens: int) -> bool:
         """Give a sequence that holds no blocks the ``reused`` prefix blocks plus room for ``num_new_tokens``
@@ -131,6 +133,7 @@ class BlockManager:
             self._take(block_id)
         seq.block_ids = list(reused)
         seq.num_computed_tokens = len(reused) * self.block_size
+        seq.num_hashed_blocks = 0
         return self.append_slots(seq, num_new_tokens)
 
     def append_slots(self, seq: BlockHolder, num_new_tokens: int) -> bool:
@@ -151,6 +154,7 @@ class BlockManager:
             self._take(block_id)
         dst.block_ids = list(src.block_ids[:num_blocks])
         dst.num_computed_tokens = num_blocks * self.block_size
+        dst.num_hashed_blocks = 0
 
     def free(self, seq: BlockHolder) -> None:
         """Drop ``seq``'s references. Tail blocks are released first so they are evicted first."""
@@ -165,14 +169,22 @@ class BlockManager:
                     self._free.move_to_end(block_id, last=False)
         seq.block_ids = []
         seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
 
     def cache_full_blocks(self, seq: BlockHolder) -> None:
-        """Register the hashes of ``seq``'s blocks that are full and computed, so later prompts can hit them."""
+        """Register the hashes of ``seq``'s blocks that became full and computed since the last call, so later
+        prompts can hit them. Each block is looked at once per allocation: the work is proportional to the
+        blocks the step filled, not to the length of the sequence."""
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
-        hashes = self._hashes(seq, num_full)
-        for block_id, h in zip(seq.block_ids[:num_full], hashes):
+        first = seq.num_hashed_blocks
+        if num_full <= first:
+            return
+        self._extend_hashes(seq, num_full)
+        seq.num_hashed_blocks = num_full
+        for i in range(first, num_full):
+            block_id, h = seq.block_ids[i], seq.block_hashes[i]
             block = self.blocks[block_id]
             if block.block_hash is not None:
                 continue
@@ -189,13 +201,17 @@ class BlockManager:
     # ---- internals -----------------------------------------------------------------------------------
     def _hashes(self, seq: BlockHolder, num_blocks: int) -> list[int]:
         """Hashes of ``seq``'s first ``num_blocks`` full blocks, extending its memo as needed."""
+        self._extend_hashes(seq, num_blocks)
+        return seq.block_hashes[:num_blocks]
+
+    def _extend_hashes(self, seq: BlockHolder, num_blocks: int) -> None:
+        """Grow ``seq``'s hash memo to at least ``num_blocks`` full blocks (each hash computed once)."""
         hashes = seq.block_hashes
         bs = self.block_size
         while len(hashes) < num_blocks:
             i = len(hashes)
             parent = hashes[-1] if hashes else None
             hashes.append(hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs]))
-        return hashes[:num_blocks]
 
     def _take(self, block_id: int) -> int:
         block = self.blocks[block_id]

@@ -1,9 +1,12 @@
 """Turn the last-position logits of each sampling sequence into next tokens (and log-probabilities).
 
-Order of operations, as in vLLM: log-probabilities are taken from the raw model logits; then penalties,
-min_tokens suppression, then greedy argmax or temperature / top-k / top-p / min-p sampling. Sampling uses the
-exponential race (argmax of p / E with E ~ Exp(1)), which needs no host sync per row, and a per-sequence
-generator for seeded requests, so a seeded request samples the same tokens alone or in any batch.
+Order of operations, as in vLLM v1: log-probabilities are taken from the raw model logits; then penalties,
+min_tokens suppression, then greedy argmax or sampling: temperature, min-p, top-k, top-p (``_truncate``).
+Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which needs no host sync per row, and a
+per-sequence generator for seeded requests, so a seeded request samples the same tokens alone or in any batch.
+
+Penalties read per-sequence state (``_PenaltyState``) that is brought up to date with only the tokens appended
+since the sampler last saw the sequence, so their host work per step does not grow with the sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch
 import xxhash
 
 from nanoserve.engine.sequence import Sequence
+from nanoserve.sampling_params import SamplingParams
 
 
 @dataclass(slots=True)
@@ -41,15 +45,74 @@ def _seed_for(seed: int, sample_index: int) -> int:
     return xxhash.xxh3_64_intdigest(data, seed=sample_index) & 0x7FFF_FFFF_FFFF_FFFF
 
 
+def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The temperature-scaled ``logits`` ([N, V], row i sampled with ``params[i]``, none greedy) with every
+    token that truncation drops set to -inf; ``logits`` itself is not modified. vLLM v1's order:
+
+    1. divide by the temperature (>= SAMPLING_EPS for rows that are not greedy, so dividing is safe);
+    2. min-p: drop tokens whose probability is below ``min_p`` times the largest, both taken on the full
+       temperature-scaled distribution;
+    3. top-k, then top-p on the distribution renormalised over what remains, so min-p can make top-p keep fewer
+       tokens than it would alone.
+
+    The most likely token always stays (``min_p <= 1``; top-p keeps its first token), so no row loses every
+    token. Only host-side Python values decide which steps run: no device sync.
+    """
+    device = logits.device
+    vocab = logits.shape[1]
+    # A temperature beyond float32's range would become inf, and -inf / inf (a masked token) is NaN.
+    max_temp = torch.finfo(logits.dtype).max
+    temps = torch.tensor([min(p.temperature, max_temp) for p in params], dtype=logits.dtype, device=device)
+    logits = logits / temps[:, None]
+    min_p = [p.min_p for p in params]
+    if any(m > 0 for m in min_p):
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, dtype=probs.dtype, device=device)[:, None]
+        logits.masked_fill_(probs < threshold, float("-inf"))
+    # top_k beyond the vocabulary keeps everything (and a bignum must not reach an int64 tensor).
+    top_k = [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        k = torch.tensor(top_k, device=device)
+        sorted_logits.masked_fill_(ranks >= k[:, None], float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the tokens strictly before it already reach top_p. The most likely token always
+        # stays, however small top_p is.
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs
+        p = torch.tensor(top_p, dtype=before.dtype, device=device)
+        drop = before >= p[:, None]
+        drop[:, 0] = False
+        sorted_logits.masked_fill_(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
+    return logits
+
+
+@dataclass(slots=True)
+class _PenaltyState:
+    """What the penalties of one sequence need, counted over ``token_ids[:num_counted]`` and brought up to date
+    each step with only the tokens appended since. Token ids >= V are never counted. A preempted sequence
+    keeps its token_ids (they are recomputed, not re-sampled), so the state stays valid across preemption."""
+
+    seen: torch.Tensor | None  # [V] bool: in the prompt or the output; None without repetition_penalty
+    counts: torch.Tensor | None  # [V] float32: occurrences in the output; None without presence/frequency
+    num_counted: int = 0
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], seed: int, device: torch.device | str = "cpu") -> None:
         self.eos_token_ids = sorted(eos_token_ids)
         self.device = torch.device(device)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self._seq_generators: dict[int, torch.Generator] = {}
+        self._penalty_states: dict[int, _PenaltyState] = {}  # only for sequences whose params have penalties
 
     def forget(self, seq_id: int) -> None:
+        """Drop what the sampler keeps for a sequence (its seeded generator, its penalty state); the engine calls
+        this once the sequence's request has ended."""
         self._seq_generators.pop(seq_id, None)
+        self._penalty_states.pop(seq_id, None)
 
     # The runner returns logits made under inference_mode (inference tensors); penalties and min_tokens
     # masking edit them in place, which torch only allows inside inference_mode too.
@@ -60,10 +123,9 @@ class Sampler:
         logprob_rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         raw_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
+        self._apply_penalties(logits, seqs)
         for i, seq in enumerate(seqs):
             params = seq.params
-            if params.has_penalties:
-                self._apply_penalties(logits[i], seq)
             if seq.num_output_tokens < params.min_tokens:
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
                 # A stop id outside the vocabulary can never be sampled anyway; indexing with it would raise.
@@ -71,11 +133,12 @@ class Sampler:
                 if banned:
                     logits[i, banned] = float("-inf")
 
-        greedy = torch.tensor([s.params.greedy for s in seqs], device=logits.device)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
-            rows = (~greedy).nonzero().squeeze(1)
-            tokens[rows] = self._sample(logits[rows], [seqs[int(r)] for r in rows])
+        # Which rows sample is known on the host: no device sync to find them.
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            tokens[index] = self._sample(logits[index], [seqs[i] for i in rows])
         token_list = tokens.tolist()
 
         out_logprobs: list[SampledLogprobs | None] = [None] * len(seqs)
@@ -95,52 +158,63 @@ class Sampler:
                 )
         return SamplerOutput(token_list, out_logprobs)
 
-    @staticmethod
-    def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
-        """OpenAI/vLLM definitions; ``row`` ([V]) is modified in place."""
-        params = seq.params
-        vocab = row.shape[0]
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=row.device)
-            seen = seen[seen < vocab]
-            values = row[seen]
-            row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
-        if params.presence_penalty or params.frequency_penalty:
-            output = torch.tensor(seq.output_token_ids, dtype=torch.long, device=row.device)
-            if output.numel():
-                counts = torch.bincount(output[output < vocab], minlength=vocab).to(row.dtype)
+    def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
+        """OpenAI/vLLM definitions, on the rows of ``logits`` ([N, V], modified in place) whose sequence has
+        penalties: ``repetition_penalty`` divides the positive logits and multiplies the negative ones of every
+        token in the prompt or the output; ``frequency_penalty`` is subtracted once per occurrence of a token in
+        the output, ``presence_penalty`` once from every token that occurs there. Token ids >= V are ignored.
+
+        Host work is proportional to the tokens appended since the previous call for each sequence, not to its
+        length: those cross to the device in one copy for the whole batch and update the kept state."""
+        rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+        if not rows:
+            return
+        vocab = logits.shape[1]
+        states = [self._penalty_state_for(seqs[i], vocab, logits.device) for i in rows]
+        new_ids: list[int] = []  # every row's new tokens: first those for `seen`, then those for `counts`
+        spans: list[tuple[int, int, int]] = []  # per row: new_ids[a:b] go to seen, new_ids[b:c] to counts
+        for i, state in zip(rows, states):
+            seq = seqs[i]
+            a = len(new_ids)
+            if state.seen is not None:
+                new_ids += [t for t in seq.token_ids[state.num_counted :] if t < vocab]
+            b = len(new_ids)
+            if state.counts is not None:
+                first_output = max(state.num_counted, seq.num_prompt_tokens)
+                new_ids += [t for t in seq.token_ids[first_output:] if t < vocab]
+            spans.append((a, b, len(new_ids)))
+            state.num_counted = len(seq.token_ids)
+        if new_ids:
+            ids = torch.tensor(new_ids, dtype=torch.long, device=logits.device)
+            ones = torch.ones(len(new_ids), dtype=torch.float32, device=logits.device)
+            for state, (a, b, c) in zip(states, spans):
+                if b > a:
+                    state.seen[ids[a:b]] = True
+                if c > b:
+                    state.counts.index_add_(0, ids[b:c], ones[b:c])
+        for i, state in zip(rows, states):
+            params, row = seqs[i].params, logits[i]
+            if state.seen is not None:
+                penalty = params.repetition_penalty
+                row.copy_(torch.where(state.seen, torch.where(row > 0, row / penalty, row * penalty), row))
+            if state.counts is not None and seqs[i].num_output_tokens:
+                counts = state.counts.to(row.dtype)
                 row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
 
+    def _penalty_state_for(self, seq: Sequence, vocab: int, device: torch.device) -> _PenaltyState:
+        state = self._penalty_states.get(seq.seq_id)
+        # token_ids only grow while a sequence lives; should they ever shrink, count again from the start.
+        if state is None or state.num_counted > len(seq.token_ids):
+            params = seq.params
+            seen = torch.zeros(vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1 else None
+            wants_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
+            counts = torch.zeros(vocab, dtype=torch.float32, device=device) if wants_counts else None
+            state = self._penalty_states[seq.seq_id] = _PenaltyState(seen, counts)
+        return state
+
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """logits: [N, V] of rows that are not greedy (temperature >= SAMPLING_EPS, so dividing by it is safe)."""
-        device = logits.device
-        vocab = logits.shape[1]
-        # A temperature beyond float32's range would become inf, and -inf / inf (a masked token) is NaN.
-        max_temp = torch.finfo(logits.dtype).max
-        temps = torch.tensor([min(s.params.temperature, max_temp) for s in seqs], dtype=logits.dtype, device=device)
-        logits = logits / temps[:, None]
-        # top_k beyond the vocabulary keeps everything (and a bignum must not reach an int64 tensor).
-        top_k = [min(s.params.top_k, vocab) if s.params.top_k > 0 else vocab for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
-        if any(k < vocab for k in top_k) or any(p < 1 for p in top_p):
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            ranks = torch.arange(vocab, device=device)[None, :]
-            k = torch.tensor(top_k, device=device)
-            sorted_logits.masked_fill_(ranks >= k[:, None], float("-inf"))
-            sorted_probs = sorted_logits.softmax(dim=-1)
-            # Drop a token when the tokens strictly before it already reach top_p. The most likely token always
-            # stays, however small top_p is, so a row never loses every token.
-            before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            p = torch.tensor(top_p, device=device)
-            drop = before >= p[:, None]
-            drop[:, 0] = False
-            sorted_logits.masked_fill_(drop, float("-inf"))
-            logits = torch.full_like(logits, float("-inf")).scatter_(1, order, sorted_logits)
-        probs = logits.softmax(dim=-1)
-        min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
-        if bool((min_p > 0).any()):
-            threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-            probs = probs.masked_fill(probs < threshold, 0.0)
+        """logits: [N, V] of rows that are not greedy."""
+        probs = _truncate(logits, [s.params for s in seqs]).softmax(dim=-1)
         noise = torch.empty_like(probs)
         for i, seq in enumerate(seqs):
             noise[i].exponential_(generator=self._generator_for(seq))

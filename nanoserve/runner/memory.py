@@ -17,6 +17,7 @@ from nanoserve.runner.model_runner import ModelRunner
 logger = logging.getLogger(__name__)
 
 BUDGET_SCALE_ENV = "NANOSERVE_KV_BUDGET_SCALE"
+SHORT_KV_ENV = "NANOSERVE_TEST_SHORT_KV"
 # Fraction of the host's available memory that the KV caches of all local ranks may take by default.
 DEFAULT_HOST_KV_FRACTION = 0.3
 # Explicit budgets are still capped so that all local ranks together leave the host some headroom.
@@ -38,6 +39,28 @@ def budget_scale(rank: int, world_size: int) -> float:
     if len(factors) != world_size or any(f <= 0 for f in factors):
         raise ValueError(f"{BUDGET_SCALE_ENV}={raw!r}: need {world_size} positive factors, one per rank")
     return factors[rank]
+
+
+def short_kv_layers(rank: int, world_size: int, num_layers: int) -> tuple[int, ...]:
+    """Testing aid: ``NANOSERVE_TEST_SHORT_KV=1:0`` allocates layer 0 of rank 1 with one block fewer than the
+    agreed count (several as ``1:0,0:3``), so tests can show the start-up check catching one short layer on
+    one rank. Returns this rank's short layers; empty when unset."""
+    raw = os.environ.get(SHORT_KV_ENV, "").strip()
+    if not raw:
+        return ()
+    layers = []
+    for item in raw.split(","):
+        try:
+            r, layer = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(f"{SHORT_KV_ENV}={raw!r}: expected RANK:LAYER pairs such as '1:0' or '1:0,0:3'") from None
+        if not (0 <= r < world_size and 0 <= layer < num_layers):
+            raise ValueError(
+                f"{SHORT_KV_ENV}={raw!r}: {item} is outside {world_size} ranks x {num_layers} attention layers"
+            )
+        if r == rank:
+            layers.append(layer)
+    return tuple(layers)
 
 
 def cpu_kv_budget(requested: int | None, available: int, local_world_size: int) -> tuple[int, str]:

@@ -14,6 +14,7 @@ from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.engine.step import RunnerOutput, ScheduledChunk, StepInput
 from nanoserve.layers import native
 from nanoserve.layers.attention import AttentionMetadata
+from nanoserve.models import shard
 from nanoserve.models.decoder import BuildContext, head_dim_of
 from nanoserve.models.loader import load_weights
 from nanoserve.models.registry import resolve_architecture
@@ -38,7 +39,7 @@ class ModelRunner:
         load_weights(self.model, config.model, show_progress=show_progress)
         self.model.eval()
         # Counted before packing: packing swaps dense weights for opaque copies of the same size.
-        self._weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self._weight_bytes = shard.parameter_bytes(self.model)
         if pack_cpu_weights(config.device, config.dtype):
             self.model.pack_for_cpu()
         self.attention_layers = self.model.attention_layers()
@@ -51,26 +52,34 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------------------
     @property
     def kv_bytes_per_block(self) -> int:
-        """Bytes one block takes on this rank across all layers (K and V)."""
-        itemsize = torch.empty((), dtype=self.config.dtype).element_size()
-        return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * itemsize
+        """Bytes one block takes on this rank across all layers (K and V). ``nanoserve plan`` predicts it with
+        the same function, from the same layers built on the meta device."""
+        return shard.kv_bytes_per_block(self.attention_layers, self.block_size, self.config.dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights (tied tensors once), as loaded from the checkpoint."""
         return self._weight_bytes
 
-    def allocate_kv_cache(self, num_blocks: int) -> int:
-        """Allocate exactly ``num_blocks`` blocks per layer and bind them; returns the count really allocated.
+    def allocate_kv_cache(self, num_blocks: int, short_layers: tuple[int, ...] = ()) -> list[int]:
+        """Allocate ``num_blocks`` blocks in every attention layer and bind them; returns the count each layer
+        really got, read back from its tensor, so the start-up check sees every layer rather than trusting one.
+
+        ``short_layers`` (a testing aid, ``NANOSERVE_TEST_SHORT_KV``): these layers get one block fewer, so
+        tests can show that check refusing to start.
 
         ``torch.empty``: pages are only touched when a block is written, so a large budget costs address
         space, not resident memory, until it is used.
         """
-        shape = (2, num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        for layer in self.attention_layers:
+        for i, layer in enumerate(self.attention_layers):
+            n = num_blocks - 1 if i in short_layers else num_blocks
+            # [K/V, blocks, block_size, kv_heads, head_dim]
+            shape = (2, max(0, n), self.block_size, self.num_kv_heads, self.head_dim)
             layer.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
-        self.num_blocks = int(self.attention_layers[0].kv_cache.shape[1])
-        self._zero_blocks([0])  # padding entries of block tables point at block 0
-        return self.num_blocks
+        per_layer = [int(layer.kv_cache.shape[1]) for layer in self.attention_layers]
+        self.num_blocks = min(per_layer)
+        if self.num_blocks > 0:
+            self._zero_blocks([0])  # padding entries of block tables point at block 0
+        return per_layer
 
     def release_kv_cache(self) -> None:
         """Drop the cache tensors (after a CUDA profiling run, before the real allocation)."""

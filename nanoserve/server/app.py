@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from nanoserve.engine.async_engine import AsyncLLMEngine, EngineLimits
+from nanoserve.generation_defaults import GenerationDefaults, resolve_generation_defaults
 from nanoserve.server.errors import APIError, bad_request, from_validation_error
 from nanoserve.server.metrics import ServerMetrics
 from nanoserve.server.protocol import (
@@ -144,16 +145,21 @@ def build_app(
     settings: ServerSettings,
     metrics: ServerMetrics | None = None,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    generation_defaults: GenerationDefaults | None = None,
 ) -> FastAPI:
     """The server for ``engine``. Its lifespan starts the engine thread (if not started) and shuts it down.
 
     ``tokenizer`` must be a separate instance from the engine's (it is used on the event-loop thread).
     ``metrics`` should be the engine's observer, so the histograms fill; without one, a metrics registry with
     only the engine's gauges is made. ``body_timeout_s``: seconds a client has to send a request body (408).
+    ``generation_defaults`` fill the sampling settings a request leaves unset and are shown on ``/v1/models``;
+    None: resolve them from the engine's config (its ``generation_config``).
     """
     if not body_timeout_s > 0:
         raise ValueError(f"body_timeout_s: must be > 0, got {body_timeout_s}")
-    serving = OpenAIServing(engine, tokenizer, settings)
+    if generation_defaults is None:
+        generation_defaults = resolve_generation_defaults(engine.engine.config)
+    serving = OpenAIServing(engine, tokenizer, settings, generation_defaults.params)
     if metrics is None:
         metrics = ServerMetrics()
     metrics.attach(lambda: engine.snapshot, lambda: engine.is_healthy, lambda: engine.num_in_flight)
@@ -245,7 +251,8 @@ def build_app(
 
     @app.get("/v1/models", dependencies=v1)
     async def models() -> Response:
-        cards = [ModelCard(id=name, root=settings.model_path, max_model_len=engine.limits.max_model_len)
+        cards = [ModelCard(id=name, root=settings.model_path, max_model_len=engine.limits.max_model_len,
+                           default_sampling_params=generation_defaults.params)
                  for name in settings.served_model_names]  # fmt: skip
         return respond(ModelList(data=cards))
 

@@ -14,12 +14,14 @@ logger = logging.getLogger(__name__)
 
 DESCRIPTION = """\
 Serve a model over an OpenAI-compatible HTTP API with continuous batching: requests join the running batch
-as they arrive and stream their tokens back.
+as they arrive and stream their tokens back. Sampling settings a request leaves unset (temperature, top_p,
+top_k, min_p, repetition_penalty, max_tokens) take the model's generation_config.json values, as in vLLM;
+--generation-config vllm ignores that file.
 
 endpoints:
   POST /v1/completions        prompt(s) as text or token ids; stream, n, stop, logprobs, echo, seed, ...
   POST /v1/chat/completions   messages rendered with the tokenizer's chat template
-  GET  /v1/models             the served model name(s)
+  GET  /v1/models             the served model name(s) and their default sampling params
   GET  /health                200 while the engine runs, 503 after it failed
   GET  /metrics               Prometheus metrics (batch sizes, KV-cache usage, TTFT, inter-token latency, ...)
   POST /tokenize, /detokenize
@@ -97,6 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from nanoserve.config import EngineConfig
     from nanoserve.engine.async_engine import AsyncLLMEngine
     from nanoserve.engine.llm_engine import LLMEngine, load_tokenizer
+    from nanoserve.generation_defaults import resolve_generation_defaults
     from nanoserve.server.app import build_app
     from nanoserve.server.metrics import ServerMetrics
     from nanoserve.server.serving import ServerSettings
@@ -111,6 +114,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = resolve_model(args.model)
     names = tuple(args.served_model_name or [DEMO_MODEL_NAME if args.model is None else args.model])
     config = EngineConfig.create(model, **engine_kwargs(args))
+    generation_defaults = resolve_generation_defaults(config)  # before loading: a bad file fails fast
     sock = bind_socket(args.host, args.port)  # before loading: a taken port fails fast
     async_engine = None
     try:
@@ -119,9 +123,10 @@ def run_serve(args: argparse.Namespace) -> int:
         settings = ServerSettings(served_model_names=names, model_path=config.model, api_key=args.api_key,
                                   max_request_bytes=args.max_request_bytes)  # fmt: skip
         app = build_app(async_engine, load_tokenizer(config.tokenizer), settings, metrics,
-                        body_timeout_s=args.request_body_timeout)  # fmt: skip
+                        body_timeout_s=args.request_body_timeout, generation_defaults=generation_defaults)  # fmt: skip
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
+        print(f"nanoserve: {generation_defaults.summary()}", flush=True)
         print(f"nanoserve: serving {names[0]} on http://{shown}:{port} (Ctrl-C to stop)", flush=True)
         server = uvicorn.Server(uvicorn.Config(
             app, log_level=args.uvicorn_log_level, timeout_graceful_shutdown=args.shutdown_timeout,

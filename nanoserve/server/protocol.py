@@ -9,6 +9,7 @@ accept exactly the same settings. Unknown fields are ignored, as vLLM does, so c
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -83,8 +84,15 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+# Settings a checkpoint's generation_config.json may give defaults for (besides max_tokens, which the server
+# resolves against the context first): see nanoserve.generation_defaults.
+DEFAULTABLE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
 class SamplingFields(OpenAIModel):
-    """Fields both endpoints share. ``None`` means the default, as OpenAI clients send explicit nulls."""
+    """Fields both endpoints share. ``None`` means the default, as OpenAI clients send explicit nulls: the
+    server's default for that field (from the checkpoint's generation_config.json) if it has one, else
+    nanoserve's built-in one."""
 
     model: str | None = None
     temperature: float | None = _documented(minimum=0)
@@ -129,19 +137,27 @@ class SamplingFields(OpenAIModel):
             raise ValueError("stream_options is only allowed when stream is true")
         return self
 
-    def sampling_params(self, max_tokens: int | None, logprobs: int | None, vocab_size: int) -> SamplingParams:
-        """The engine's settings for this request; raises ValueError naming a field that is out of range."""
-        top_k = 0 if self.top_k is None else self.top_k
-        if top_k >= vocab_size:
+    def sampling_params(
+        self, max_tokens: int | None, logprobs: int | None, vocab_size: int, defaults: Mapping[str, Any] | None = None
+    ) -> SamplingParams:
+        """The engine's settings for this request; raises ValueError naming a field that is out of range.
+
+        ``defaults`` (``SamplingParams`` field -> value, e.g. from generation_config.json) fills each of
+        :data:`DEFAULTABLE_FIELDS` the request leaves unset or null, ahead of the built-in default, as vLLM does;
+        ``max_tokens`` is taken as given (the caller has applied any default to it)."""
+        opts: dict[str, Any] = {}
+        for name in DEFAULTABLE_FIELDS:  # the request's value, else the server's default, else SamplingParams'
+            value = getattr(self, name)
+            if value is None and defaults:
+                value = defaults.get(name)
+            if value is not None:
+                opts[name] = value
+        if opts.get("top_k", 0) >= vocab_size:
             # Every token is within the top k: the same as no limit. Also keeps a JSON bignum (top_k=10**30) out
             # of the sampler's int64 tensors, where it would fail the whole batch.
-            top_k = 0
-        opts: dict[str, Any] = dict(
+            opts["top_k"] = 0
+        opts.update(
             n=1 if self.n is None else self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=top_k,
-            min_p=0.0 if self.min_p is None else self.min_p,
             max_tokens=max_tokens,
             min_tokens=self.min_tokens,
             stop=self.stop,
@@ -151,11 +167,15 @@ class SamplingFields(OpenAIModel):
             logprobs=logprobs,
             presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
             frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
-            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
         )
         return SamplingParams(**opts)
+
+    def leaves_max_tokens_unset(self) -> bool:
+        """The request does not name its length (no ``max_tokens`` nor ``max_completion_tokens`` in the body),
+        so a server default may apply even where the field has a default of its own (completions' 16)."""
+        return not {"max_tokens", "max_completion_tokens"} & self.model_fields_set
 
     @property
     def include_usage_in_stream(self) -> bool:
@@ -342,6 +362,9 @@ class ModelCard(BaseModel):
     owned_by: str = "nanoserve"
     root: str | None = None
     max_model_len: int | None = None
+    # nanoserve extension: what fills the settings a request leaves unset (generation_config.json's
+    # temperature, top_p, top_k, min_p, repetition_penalty, max_tokens); empty: the built-in defaults.
+    default_sampling_params: dict[str, Any] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):

@@ -1,10 +1,10 @@
 """What the OpenAI endpoints do: turn a validated request into engine requests, and engine outputs into
 responses or server-sent events.
 
-Engine outputs are cumulative, so streaming keeps a cursor per choice and sends what is new. When stop strings
-are set, the last ``len(longest stop) - 1`` characters are held back until the request ends: the engine may
-find a stop string that began in text it already produced and cut the text there, and a client must never
-receive text that is later taken back.
+A streamed request asks the engine for delta outputs (``RequestOutputKind.DELTA``): each holds only the new
+text, token ids and logprobs, so the work per chunk does not grow with the answer. The engine's output
+processor never releases text that a stop string could still take back. A non-streamed request asks for the
+final output only.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from nanoserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoserve.sampling_params import SamplingParams
+from nanoserve.sampling_params import RequestOutputKind, SamplingParams
 from nanoserve.server.errors import APIError, bad_request, from_value_error
 from nanoserve.server.protocol import (
     MAX_CHOICES_PER_REQUEST,
@@ -77,9 +77,8 @@ class EnginePrompt:
 
 @dataclass
 class _Cursor:
-    """How much of one choice's cumulative output a stream has sent."""
+    """What a stream has sent of one choice."""
 
-    text_sent: int = 0
     tokens_sent: int = 0
     text_offset: int = 0  # completions logprobs: character offset of the next token
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
@@ -94,20 +93,15 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else MIN_LOGPROB
 
 
-def _holdback(params: SamplingParams) -> int:
-    if not params.stop or params.include_stop_str_in_output:
-        return 0
-    return max(len(s) for s in params.stop) - 1
+def _advance(cursor: _Cursor, c: CompletionOutput) -> tuple[str, int, int]:
+    """A delta output's text and token range (all of it); counts its tokens as sent."""
+    cursor.tokens_sent += len(c.token_ids)
+    return c.text, 0, len(c.token_ids)
 
 
-def _advance(cursor: _Cursor, c: CompletionOutput, holdback: int) -> tuple[str, int, int]:
-    """The unsent text and token range of choice ``c``; moves the cursor past them."""
-    end = len(c.text) if c.finish_reason is not None else len(c.text) - holdback
-    end = max(end, cursor.text_sent)
-    text = c.text[cursor.text_sent : end]
-    t0, t1 = cursor.tokens_sent, len(c.token_ids)
-    cursor.text_sent, cursor.tokens_sent = end, t1
-    return text, t0, t1
+def _set_output_kind(params: list[SamplingParams], stream: bool) -> None:
+    for p in params:
+        p.output_kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
 
 
 def _ranked(entry: dict[int, Logprob]) -> list[tuple[int, Logprob]]:
@@ -162,12 +156,19 @@ class OpenAIServing:
     the engine thread uses its own.
     """
 
-    def __init__(self, engine: AsyncLLMEngine, tokenizer: Any, settings: ServerSettings) -> None:
+    def __init__(
+        self, engine: AsyncLLMEngine, tokenizer: Any, settings: ServerSettings,
+        default_sampling_params: dict[str, Any] | None = None,
+    ) -> None:  # fmt: skip
+        """``default_sampling_params``: ``SamplingParams`` field -> value for the settings a request leaves
+        unset (``GenerationDefaults.params``, from the checkpoint's generation_config.json); None: none, the
+        built-in defaults apply."""
         self.engine = engine
         self.tokenizer = tokenizer
         self.settings = settings
         self.limits = engine.limits
         self.tokens = TokenStrings(tokenizer)
+        self.default_sampling_params = dict(default_sampling_params or {})
 
     # ---- shared helpers ------------------------------------------------------------------------------
     def check_model(self, name: str | None) -> str:
@@ -224,8 +225,10 @@ class OpenAIServing:
         self, req: SamplingFields, prompt: EnginePrompt, requested: int | None, logprobs: int | None,
         prompt_param: str, max_tokens_param: str, logprobs_param: str = "logprobs",
     ) -> SamplingParams:  # fmt: skip
-        """Settings for one prompt. ``requested=None`` fills the context (``max_model_len`` - prompt).
-        Errors name the request's own fields (``*_param``), not the engine's."""
+        """Settings for one prompt; the server's defaults fill what the request leaves unset. ``requested=None``
+        (and a request that leaves its length unset, when there is a default ``max_tokens``) fills the context
+        (``max_model_len`` - prompt), capped by the default ``max_tokens`` as in vLLM. Errors name the request's
+        own fields (``*_param``), not the engine's."""
         limit = self.limits.max_model_len
         num_prompt = len(prompt.token_ids)
         if num_prompt >= limit:
@@ -239,11 +242,15 @@ class OpenAIServing:
                 f"the prompt has {num_prompt} tokens but the server's KV cache holds only "
                 f"{self.limits.kv_capacity_tokens}", param=prompt_param, code="context_length_exceeded",
             )  # fmt: skip
-        max_tokens = limit - num_prompt if requested is None else requested
+        default_max = self.default_sampling_params.get("max_tokens")
+        if requested is None or (default_max is not None and req.leaves_max_tokens_unset()):
+            max_tokens = limit - num_prompt if default_max is None else min(limit - num_prompt, default_max)
+        else:
+            max_tokens = requested
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
         try:
-            params = req.sampling_params(max_tokens, logprobs, self.limits.vocab_size)
+            params = req.sampling_params(max_tokens, logprobs, self.limits.vocab_size, self.default_sampling_params)
         except ValueError as exc:
             err = from_value_error(exc)
             if err.info.param == "max_tokens":
@@ -330,6 +337,14 @@ class OpenAIServing:
             prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion
         )
 
+    @staticmethod
+    def _stream_usage(prompts: list[EnginePrompt], cursors: list[list[_Cursor]]) -> UsageInfo:
+        num_prompt = sum(len(p.token_ids) for p in prompts)
+        num_completion = sum(c.tokens_sent for per_prompt in cursors for c in per_prompt)
+        return UsageInfo(
+            prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion
+        )
+
     # ---- /v1/completions -----------------------------------------------------------------------------
     def completion_logprobs(self, c: CompletionOutput, t0: int, t1: int, k: int, cursor: _Cursor) -> CompletionLogprobs:
         lp = CompletionLogprobs()
@@ -362,6 +377,7 @@ class OpenAIServing:
             )  # fmt: skip
         request_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        _set_output_kind(params, req.stream)
         streams = await self.start(request_id, prompts, params)
         if req.stream:
             return self._completion_events(req, model, request_id, created, prompts, params, streams)
@@ -392,21 +408,20 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:  # fmt: skip
         n = params[0].n
         cursors = [[_Cursor() for _ in range(n)] for _ in prompts]
-        latest: list[RequestOutput | None] = [None] * len(prompts)
-        holdback = [_holdback(p) for p in params]
+        echoed = [[False] * n for _ in prompts]
         try:
             async for pi, out in merge_streams(streams):
-                latest[pi] = out
                 for c in out.outputs:
                     cursor = cursors[pi][c.index]
                     if cursor.done:
                         continue
-                    first = cursor.tokens_sent == 0 and cursor.text_sent == 0
-                    text, t0, t1 = _advance(cursor, c, holdback[pi])
+                    first = not echoed[pi][c.index]
+                    text, t0, t1 = _advance(cursor, c)
                     finished = c.finish_reason is not None
                     cursor.done = finished
                     if req.echo and first:
                         text = self._echo_text(prompts[pi]) + text
+                    echoed[pi][c.index] = True
                     new_tokens = t1 > t0 and (req.logprobs is not None or req.return_token_ids)
                     if not (text or finished or new_tokens):
                         continue
@@ -421,7 +436,7 @@ class OpenAIServing:
                     )  # fmt: skip
                     yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
             if req.include_usage_in_stream:
-                usage = self._usage(prompts, latest)
+                usage = self._stream_usage(prompts, cursors)
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, as OpenAI does
             yield self._stream_error(exc)
@@ -456,6 +471,7 @@ class OpenAIServing:
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
+        _set_output_kind([params], req.stream)
         streams = await self.start(request_id, [prompt], [params])
         if req.stream:
             return self._chat_events(req, model, request_id, created, prompt, params, streams[0])
@@ -479,18 +495,15 @@ class OpenAIServing:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
 
         cursors = [_Cursor() for _ in range(params.n)]
-        holdback = _holdback(params)
-        latest: RequestOutput | None = None
         try:
             for i in range(params.n):
                 yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
             async for out in stream:
-                latest = out
                 for c in out.outputs:
                     cursor = cursors[c.index]
                     if cursor.done:
                         continue
-                    text, t0, t1 = _advance(cursor, c, holdback)
+                    text, t0, t1 = _advance(cursor, c)
                     finished = c.finish_reason is not None
                     cursor.done = finished
                     new_tokens = t1 > t0 and (req.logprobs or req.return_token_ids)
@@ -504,7 +517,7 @@ class OpenAIServing:
                         token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
                     ))  # fmt: skip
             if req.include_usage_in_stream:
-                usage = self._usage([prompt], [latest])
+                usage = self._stream_usage([prompt], [cursors])
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
             yield self._stream_error(exc)

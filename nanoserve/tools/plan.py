@@ -7,10 +7,14 @@ block, the KV budget and how it was decided, and the blocks that fit; then the b
 agree on (the MIN, honouring ``NANOSERVE_KV_BUDGET_SCALE``) and how many sequences fit at once at
 ``max_model_len`` and at a few typical lengths — plus everything that would stop the engine from starting.
 
-The arithmetic is the engine's own (``runner/memory.py::local_num_blocks``,
-``memory.cpu_kv_budget`` / ``budget_scale``, ``ModelRunner.kv_bytes_per_block``):
+Shard sizes are the layers' own answers, not derived here: each rank's model is built by the model code
+itself with its parameters on the meta device (``models/shard.py::build_shard``: no memory, no weights, no
+process group), and its parameter bytes, KV heads and bytes per KV block are read off the built layers
+through the functions ``ModelRunner`` uses (``shard.parameter_bytes``, ``shard.kv_bytes_per_block``). The
+budget arithmetic is the engine's own (``runner/memory.py::local_num_blocks``, ``memory.cpu_kv_budget`` /
+``budget_scale``):
 
-    bytes_per_block = 2 (K and V) * layers * block_size * kv_heads_on_rank * head_dim * dtype_size
+    bytes_per_block = 2 (K and V) * block_size * sum over attention layers of (kv_heads_on_rank * head_dim) * dtype_size
     blocks_on_rank  = int(budget * scale) // bytes_per_block ;  agreed = min over ranks
 
 It is exact when the budget is an explicit ``--kv-cache-memory`` below the host-memory cap. A default
@@ -302,67 +306,51 @@ def fmt_bytes(n: int | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Shapes (pure)
+# Shards: asked of the layers, never derived here
 # ---------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class ShardShapes:
-    """Per-rank sizes, mirroring the tensor-parallel layers (``layers/linear.py``, ``layers/embed_head.py``)."""
+class ShardSizes:
+    """One rank's shard as the model code builds it (``models/shard.py``)."""
 
-    vocab_rows: int  # ceil(vocab / tp): every rank holds the same padded count
-    num_heads: int
-    num_kv_heads: int  # num_kv_heads / tp, or 1 when replicated (fewer KV heads than ranks)
-    intermediate: int
+    weights: WeightBreakdown
+    weight_bytes: int  # tied tensors once, as ``ModelRunner.weight_bytes`` counts
+    rotary_table_bytes: int  # the model's buffers
+    num_kv_heads: int  # of the first attention layer, as the runner's cache is shaped
+    kv_head_replicas: int
+    kv_bytes_per_block: int  # ``shard.kv_bytes_per_block``, the runner's own function
+    mlp_width: int  # the widest per-rank MLP activation (for the CUDA activation estimate)
 
 
-def shard_shapes(hf_config: Any, tp: int) -> ShardShapes:
-    """Per-rank sizes. ``EngineConfig.create`` has already refused a model that cannot split over ``tp``."""
-    heads = hf_config.num_attention_heads
-    kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    return ShardShapes(
-        vocab_rows=-(-hf_config.vocab_size // tp),
-        num_heads=heads // tp,
-        num_kv_heads=kv // tp if kv >= tp else 1,
-        intermediate=hf_config.intermediate_size // tp,
+def measure_shard(config: Any, rank: int) -> ShardSizes:
+    """Build rank ``rank``'s shard of ``config``'s model as the runner does, with no memory for parameters
+    (``shard.build_shard``: meta device, no weights read, no process group), and read its sizes."""
+    from nanoserve.distributed.parallel_state import TPGroup
+    from nanoserve.models import shard
+    from nanoserve.models.decoder import BuildContext
+    from nanoserve.models.registry import resolve_architecture
+    from nanoserve.platform import default_attention_backend
+
+    hf = config.hf_config
+    ctx = BuildContext(
+        dtype=config.dtype, tp=TPGroup(rank=rank, size=config.tensor_parallel_size),
+        attention_backend=default_attention_backend(config.device), max_position=config.max_model_len,
+    )  # fmt: skip
+    model = shard.build_shard(resolve_architecture(hf), hf, ctx)
+    layers = model.attention_layers()
+    weights = WeightBreakdown(**shard.parameter_bytes_by_part(model))
+    total = shard.parameter_bytes(model)
+    assert weights.total == total, (weights, total)  # parameter_bytes_by_part refuses a parameter in no part
+    return ShardSizes(
+        weights=weights,
+        weight_bytes=total,
+        rotary_table_bytes=shard.buffer_bytes(model),
+        num_kv_heads=layers[0].num_kv_heads,
+        kv_head_replicas=shard.kv_head_replicas(model),
+        kv_bytes_per_block=shard.kv_bytes_per_block(layers, config.block_size, config.dtype),
+        mlp_width=shard.mlp_width(model),
     )
-
-
-def weight_breakdown(hf_config: Any, flags: Any, shapes: ShardShapes, itemsize: int) -> WeightBreakdown:
-    """Bytes of one rank's parameters, from the config's shapes.
-
-    Per layer: fused qkv ``[(Hq + 2 Hkv) * D, hidden]`` (+ bias), o_proj ``[hidden, Hq * D]`` (+ its bias,
-    replicated), gate/up ``[2 I, hidden]`` and down ``[hidden, I]`` (+ biases), two RMSNorms of ``hidden``
-    (+ q/k norms of ``D`` for Qwen3); plus the vocabulary-sharded embedding and LM head (padded rows) and
-    the final norm. All counts per rank.
-    """
-    from nanoserve.models.decoder import head_dim_of
-
-    hidden = hf_config.hidden_size
-    d = head_dim_of(hf_config)
-    layers = hf_config.num_hidden_layers
-    qkv_out = (shapes.num_heads + 2 * shapes.num_kv_heads) * d
-    attention = qkv_out * hidden + hidden * shapes.num_heads * d
-    attention += qkv_out if flags.qkv_bias else 0
-    attention += hidden if flags.o_bias else 0
-    mlp = 2 * shapes.intermediate * hidden + hidden * shapes.intermediate
-    mlp += (2 * shapes.intermediate + hidden) if flags.mlp_bias else 0
-    norms = layers * (2 * hidden + (2 * d if flags.qk_norm else 0)) + hidden
-    embedding = shapes.vocab_rows * hidden
-    tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-    lm_head = 0 if tied else shapes.vocab_rows * hidden
-    return WeightBreakdown(
-        embedding=embedding * itemsize,
-        lm_head=lm_head * itemsize,
-        attention=layers * attention * itemsize,
-        mlp=layers * mlp * itemsize,
-        norms=norms * itemsize,
-    )
-
-
-def kv_bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
-    """K and V of every layer for ``block_size`` tokens on one rank (``ModelRunner.kv_bytes_per_block``)."""
-    return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -384,8 +372,6 @@ def make_plan(
     """
     from nanoserve.config import EngineConfig
     from nanoserve.distributed.kv_agreement import SKEW_WARNING
-    from nanoserve.models.decoder import head_dim_of
-    from nanoserve.models.registry import resolve_architecture
     from nanoserve.runner.memory import budget_scale
 
     path = resolve_model(model)
@@ -395,26 +381,22 @@ def make_plan(
     problems: list[str] = []
     notes: list[str] = []
 
-    # ---- per rank: weights, bytes per block, budget, blocks
-    itemsize = torch.empty((), dtype=config.dtype).element_size()
-    head_dim = head_dim_of(hf)
-    shapes = shard_shapes(hf, tp)
-    weights = weight_breakdown(hf, resolve_architecture(hf).flags_for(hf), shapes, itemsize)
-    per_block = kv_bytes_per_block(hf.num_hidden_layers, bs, shapes.num_kv_heads, head_dim, itemsize)
-    rotary = hf.num_hidden_layers * 2 * config.max_model_len * head_dim * itemsize  # cos and sin, per layer
+    # ---- per rank: weights, bytes per block (from the layers), budget, blocks
+    shards = [measure_shard(config, r) for r in range(tp)]
     if config.device == "cuda":
-        budgets, exact, host_available = _cuda_budgets(config, weights.total + rotary, problems, notes), False, None
+        budgets, exact, host_available = _cuda_budgets(config, shards, problems, notes), False, None
     else:
-        budgets, exact, host_available = _cpu_budgets(config, weights.total, host_available_bytes, problems, notes)
+        weights = [s.weight_bytes for s in shards]
+        budgets, exact, host_available = _cpu_budgets(config, weights, host_available_bytes, problems, notes)
     ranks = []
-    for r, (budget, how) in enumerate(budgets):
+    for r, (s, (budget, how)) in enumerate(zip(shards, budgets)):
         scale = budget_scale(r, tp)
         scaled = int(max(0, budget) * scale)  # as local_num_blocks does: scale, then whole blocks
         ranks.append(
             RankPlan(
-                rank=r, weight_bytes=weights.total, weights=weights, rotary_table_bytes=rotary,
-                num_kv_heads=shapes.num_kv_heads, kv_bytes_per_block=per_block, kv_budget_bytes=scaled,
-                budget_source=how, budget_scale=scale, local_num_blocks=scaled // per_block,
+                rank=r, weight_bytes=s.weight_bytes, weights=s.weights, rotary_table_bytes=s.rotary_table_bytes,
+                num_kv_heads=s.num_kv_heads, kv_bytes_per_block=s.kv_bytes_per_block, kv_budget_bytes=scaled,
+                budget_source=how, budget_scale=scale, local_num_blocks=scaled // s.kv_bytes_per_block,
             )
         )  # fmt: skip
 
@@ -427,12 +409,21 @@ def make_plan(
             f"KV estimates differ by more than {SKEW_WARNING:.0%} across ranks ({local}); the engine will warn, "
             f"and every rank will use {agreed} blocks"
         )
-    kv_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
-    if kv_heads < tp:
-        notes.append(f"fewer KV heads than ranks: each KV head is replicated on {tp // kv_heads} ranks")
-    needed = -(-config.max_model_len // bs)
-    if agreed < needed:
-        short_by = needed - agreed
+    replicas = max(s.kv_head_replicas for s in shards)
+    if replicas > 1:
+        notes.append(f"fewer KV heads than ranks: each KV head is replicated on {replicas} ranks")
+    max_model_len = config.max_model_len
+    needed = -(-max_model_len // bs)
+    if agreed < needed and not config.max_model_len_explicit and agreed > 0:
+        # As establish_kv_cache does: without an explicit max_model_len the engine serves what fits.
+        max_model_len = agreed * bs
+        notes.append(
+            f"the model's context ({config.max_model_len}) does not fit the KV cache: the engine will serve "
+            f"max_model_len {max_model_len}; raise kv_cache_memory or pass max_model_len to choose"
+        )
+        needed = -(-max_model_len // bs)
+    elif agreed < needed:
+        short_by, per_block = needed - agreed, ranks[short].kv_bytes_per_block
         problems.append(
             f"KV cache too small: rank {short} can hold {agreed} blocks of {bs} tokens but one sequence of "
             f"max_model_len ({config.max_model_len}) needs {needed} blocks (short by {short_by} blocks, "
@@ -441,7 +432,7 @@ def make_plan(
             f"max_model_len to {agreed * bs} or less"
         )
 
-    concurrency = concurrency_table(agreed, bs, config.max_model_len, config.max_num_seqs, lengths)
+    concurrency = concurrency_table(agreed, bs, max_model_len, config.max_num_seqs, lengths)
     notes += [
         f"a single sequence of {c.length} tokens does not fit in the agreed KV cache ({agreed * bs} tokens)"
         for c in concurrency
@@ -454,7 +445,7 @@ def make_plan(
         dtype=str(config.dtype).removeprefix("torch."),
         tensor_parallel_size=tp,
         block_size=bs,
-        max_model_len=config.max_model_len,
+        max_model_len=max_model_len,
         max_num_seqs=config.max_num_seqs,
         kv_cache_memory=config.kv_cache_memory,
         exact=exact,
@@ -464,7 +455,7 @@ def make_plan(
         short_rank=short,
         blocks_per_max_len_seq=needed,
         concurrency=concurrency,
-        skipped_lengths=sorted(n for n in lengths if n > config.max_model_len),
+        skipped_lengths=sorted(n for n in lengths if n > max_model_len),
         problems=problems,
         notes=notes,
     )
@@ -488,7 +479,7 @@ def concurrency_table(
 
 
 def _cpu_budgets(
-    config: Any, weight_bytes: int, host_available: int | None, problems: list[str], notes: list[str]
+    config: Any, weight_bytes: list[int], host_available: int | None, problems: list[str], notes: list[str]
 ) -> tuple[list[tuple[int, str]], bool, int]:
     """Each rank's KV budget as ``cpu_kv_budget`` will decide it once the weights are loaded."""
     from nanoserve.platform import host_available_memory
@@ -496,7 +487,7 @@ def _cpu_budgets(
 
     tp = config.tensor_parallel_size
     available = host_available_memory() if host_available is None else host_available
-    all_weights = tp * weight_bytes  # every local rank holds its shard in host memory
+    all_weights = sum(weight_bytes)  # every local rank holds its shard in host memory
     if all_weights > available:
         problems.append(
             f"the weights of all {tp} ranks ({fmt_bytes(all_weights)}) exceed the host's available memory "
@@ -519,17 +510,20 @@ def _cpu_budgets(
     return [(budget, how)] * tp, exact, available
 
 
-def _cuda_budgets(config: Any, resident_bytes: int, problems: list[str], notes: list[str]) -> list[tuple[int, str]]:
+def _cuda_budgets(
+    config: Any, shards: list[ShardSizes], problems: list[str], notes: list[str]
+) -> list[tuple[int, str]]:
     """Each rank's KV budget as ``local_num_blocks`` computes it on CUDA, with the device's memory as it is now."""
-    hf = config.hf_config
+    hidden = config.hf_config.hidden_size
     tp = config.tensor_parallel_size
     if tp > torch.cuda.device_count():
         problems.append(
             f"tensor_parallel_size {tp} needs {tp} CUDA devices on this host, found {torch.cuda.device_count()}"
         )
-    activation = 4 * config.max_num_batched_tokens * (hf.hidden_size + hf.intermediate_size // tp) * 4
     budgets = []
-    for rank in range(tp):
+    for rank, shard in enumerate(shards):
+        resident_bytes = shard.weight_bytes + shard.rotary_table_bytes
+        activation = 4 * config.max_num_batched_tokens * (hidden + shard.mlp_width) * 4
         device = rank % max(1, torch.cuda.device_count())
         free, total = torch.cuda.mem_get_info(device)
         usable = int(total * config.gpu_memory_utilization)

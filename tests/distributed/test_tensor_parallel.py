@@ -11,9 +11,11 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
+import nanoserve
 from nanoserve import LLM, SamplingParams
 from nanoserve.distributed.multiproc import WorkerFailure
 from nanoserve.testing.reference import hf_greedy
@@ -181,4 +183,35 @@ def test_torchrun_environment(tp_checkpoints, tmp_path) -> None:
     assert procs[0].returncode == 0, outs[0][1][-2000:]
     assert procs[1].returncode == 0, outs[1][1][-2000:]
     result = [line for line in outs[0][0].splitlines() if line.startswith("RESULT ")]
+    assert json.loads(result[0][len("RESULT ") :]) == want
+
+
+def test_torchrun_launcher(tp_checkpoints, tmp_path) -> None:
+    """The real launcher (torch elastic agent): its agent already hosts the store at MASTER_ADDR:MASTER_PORT
+    (TORCHELASTIC_USE_AGENT_STORE=True), so every rank joins it as a client and none tries to bind the port."""
+    path = tp_checkpoints("qwen3-gqa")
+    prompts = make_prompts(3, seed=13)
+    with LLM(path, **SMALL) as single:
+        want = generate_ids(single, prompts)
+    script = tmp_path / "launched.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os
+        from nanoserve import LLM, SamplingParams
+        llm = LLM({path!r}, tensor_parallel_size=2, kv_cache_memory="2MiB", block_size=4)  # ranks > 0 serve, then exit
+        outs = llm.generate([{{"prompt_token_ids": p}} for p in {prompts!r}],
+                            SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        print("RESULT " + json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
+        llm.close()
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # The ranks import the nanoserve under test, not whichever one the interpreter would find first.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(nanoserve.__file__).parents[1]), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not [line for line in proc.stderr.splitlines() if "failed to bind" in line], proc.stderr[-3000:]
+    result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(result) == 1, proc.stdout[-2000:]  # rank 0 alone drives and prints
     assert json.loads(result[0][len("RESULT ") :]) == want

@@ -31,6 +31,7 @@ class Holder:
     token_ids: list[int]
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
     num_computed_tokens: int = 0
 
 
@@ -106,7 +107,7 @@ def test_prefix_index_pointing_at_a_block_with_another_hash(shared) -> None:
 
 def test_a_sequence_lost_by_the_scheduler_is_caught() -> None:
     bm = BlockManager(num_blocks=16, block_size=BS)
-    sched = Scheduler(SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), bm, {0})
+    sched = Scheduler(SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64), bm)
     seqs = [Sequence(i, f"r{i}", 0, [5, 6, 7], 3, SamplingParams(max_tokens=4)) for i in range(3)]
     for seq in seqs:
         sched.add(seq)

@@ -7,17 +7,29 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from nanoserve.testing.checkpoints import build_checkpoint
+from tests.server.conftest import start_server, stop_server
+
 
 @pytest.fixture(scope="module")
-def small_server(launch_server: Callable[[list[str]], Any]) -> Any:
-    return launch_server(["--max-num-seqs", "1", "--max-queued-requests", "1"])
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    # Its own checkpoint with a long context, so one request can run for seconds: the tiny model decodes
+    # 240 tokens in about 0.1 s, faster than a test can look at the queue.
+    root = tmp_path_factory.mktemp("lifecycle")
+    model = build_checkpoint(root / "tiny-qwen3-long", "qwen3", max_position_embeddings=4096, seed=7)
+    handle = start_server(model, root / "server.log",
+                          ["--max-model-len", "4096", "--max-num-seqs", "1", "--max-queued-requests", "1"])  # fmt: skip
+    try:
+        yield handle
+    finally:
+        stop_server(handle.proc)
 
 
 def gauge(server: Any, name: str) -> float:
@@ -35,7 +47,7 @@ def wait_for_gauge(server: Any, name: str, value: float, timeout: float = 15.0) 
         time.sleep(0.05)
 
 
-def long_body(prompt: str, max_tokens: int = 240) -> dict:
+def long_body(prompt: str, max_tokens: int = 4000) -> dict:
     return {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True, "ignore_eos": True}
 
 

@@ -14,11 +14,9 @@ from fastapi.testclient import TestClient
 from nanoserve.config import EngineConfig
 from nanoserve.engine.async_engine import AsyncLLMEngine
 from nanoserve.engine.llm_engine import LLMEngine, load_tokenizer
-from nanoserve.outputs import CompletionOutput
-from nanoserve.sampling_params import SamplingParams
 from nanoserve.server.app import build_app
 from nanoserve.server.metrics import ServerMetrics
-from nanoserve.server.serving import ServerSettings, _advance, _Cursor, _holdback
+from nanoserve.server.serving import ServerSettings
 from nanoserve.server.tokens import TokenStrings
 
 OPTIONS = dict(max_model_len=256, kv_cache_memory="4MiB", max_num_seqs=64, seed=0)
@@ -93,19 +91,6 @@ def test_unknown_route_and_method_use_the_error_shape(make_client) -> None:
     client, _ = make_client()
     assert error_of(client.get("/v1/nothing"), 404)["type"] == "not_found_error"
     error_of(client.get("/v1/completions"), 405)
-
-
-def test_streamed_text_never_takes_back_a_stop_string_prefix() -> None:
-    # The engine cut "abXY" at the stop "XYZ"? No: it produced "abX" (could be the start of "XYZ"), then
-    # "abXYZ" and cut it to "ab". With a holdback of len("XYZ") - 1 the stream sends "a", then "b" at the end.
-    params = SamplingParams(stop=["XYZ"])
-    cursor = _Cursor()
-    sent = []
-    for text, reason in [("a", None), ("abX", None), ("abXY", None), ("ab", "stop")]:
-        out = CompletionOutput(index=0, text=text, token_ids=[0] * len(text), finish_reason=reason)
-        sent.append(_advance(cursor, out, _holdback(params))[0])
-    assert "".join(sent) == "ab"
-    assert all("X" not in s for s in sent)
 
 
 def test_token_strings_are_exact_bytes_and_never_collide(tiny_model) -> None:

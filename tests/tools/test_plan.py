@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
 import json
 import math
 
 import pytest
 import torch
+from torch import nn
 
 from nanoserve.cli import main
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup
+from nanoserve.layers.linear import LinearBase, QKVParallelLinear, RowParallelLinear
+from nanoserve.models import decoder, loader, shard
 from nanoserve.models.decoder import BuildContext
 from nanoserve.models.registry import resolve_architecture
 from nanoserve.runner.memory import BUDGET_SCALE_ENV
 from nanoserve.runner.model_runner import ModelRunner
+from nanoserve.tools import plan as plan_module
 from nanoserve.tools.plan import make_plan, probe
 
 # The top-level fields the module docstring documents for --json.
@@ -38,6 +44,7 @@ RANK_FIELDS = {
         ("qwen2-mqa-bias", "float32"),  # qkv bias, odd vocab
         ("llama-mha-v4config", "float16"),
         ("qwen3-sharded", "float32"),
+        ("llama3-rope-scaling", "float32"),  # transformers' scaled-rope helper runs while the shard is built
     ],
 )
 def test_weight_and_block_bytes_equal_the_real_model_tp1(checkpoint, name: str, dtype: str) -> None:
@@ -49,6 +56,7 @@ def test_weight_and_block_bytes_equal_the_real_model_tp1(checkpoint, name: str, 
     assert rank.weights.total == rank.weight_bytes
     assert rank.kv_bytes_per_block == runner.kv_bytes_per_block
     assert rank.num_kv_heads == runner.num_kv_heads
+    assert rank.rotary_table_bytes == sum(b.numel() * b.element_size() for b in runner.model.buffers())
 
 
 @pytest.mark.parametrize("name,tp", [("qwen2-mqa-bias", 2), ("qwen3-gqa", 4), ("llama-mha-v4config", 4)])
@@ -160,3 +168,122 @@ def test_cli_text(checkpoint, capsys) -> None:
     text = capsys.readouterr().out
     assert rc == 0
     assert "lm_head tied to the embedding" in text and "OK: the engine would start" in text
+
+
+# ---- plan asks the layers: no second copy of the shard logic --------------------------------------------
+
+# What plan re-derived from config.json before it asked the layers; none of it may come back.
+REMOVED_DEFINITIONS = {"ShardShapes", "shard_shapes", "weight_breakdown", "kv_bytes_per_block"}
+SHARD_CONFIG_FIELDS = {
+    "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+    "num_hidden_layers", "tie_word_embeddings", "head_dim_of",
+}  # fmt: skip
+
+
+def test_plan_derives_no_shard_shape_itself() -> None:
+    """plan's code defines none of the removed helpers and reads no config field that decides how a model
+    splits (names, attributes and strings, so ``getattr(hf, "num_key_value_heads")`` counts too)."""
+    tree = ast.parse(inspect.getsource(plan_module))
+    defined = {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.ClassDef)}
+    assert not defined & REMOVED_DEFINITIONS
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    used |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    used |= {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    assert not used & SHARD_CONFIG_FIELDS
+    # Both sides of the comparison count bytes per block and weight bytes through models/shard.py.
+    assert "shard.kv_bytes_per_block(" in inspect.getsource(ModelRunner.kv_bytes_per_block.fget)
+    assert "shard.parameter_bytes(" in inspect.getsource(ModelRunner.__init__)
+
+
+class RowParallelWithExtraRow(RowParallelLinear):
+    """Test double: a row-parallel layer that allocates one output row more than asked for."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype, tp: TPGroup) -> None:
+        super().__init__(in_features, out_features + 1, bias, dtype, tp)
+
+
+class EveryKVHeadOnEveryRank(QKVParallelLinear):
+    """Test double: KV heads replicated on every rank instead of split across them."""
+
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool,
+        dtype: torch.dtype, tp: TPGroup,
+    ) -> None:  # fmt: skip
+        self.head_dim, self.num_heads, self.tp = head_dim, num_heads // tp.size, tp
+        self.num_kv_heads, self.kv_replicas = num_kv_heads, tp.size
+        LinearBase.__init__(self, hidden_size, (self.num_heads + 2 * num_kv_heads) * head_dim, bias, dtype)
+
+
+def test_plan_follows_a_layer_that_allocates_more(checkpoint, monkeypatch) -> None:
+    """Make o_proj and down_proj allocate one extra row each: plan's weights grow by exactly those rows."""
+    path = str(checkpoint("qwen3-gqa"))  # no biases; 4 heads of 32, intermediate 128
+    options = dict(tensor_parallel_size=2, kv_cache_memory="1MiB")
+    before = make_plan(path, **options)
+    monkeypatch.setattr(decoder, "RowParallelLinear", RowParallelWithExtraRow)
+    after = make_plan(path, **options)
+    hf = EngineConfig.create(path).hf_config
+    o_proj_row, down_proj_row = hf.num_attention_heads * hf.head_dim // 2 * 4, hf.intermediate_size // 2 * 4
+    for b, a in zip(before.ranks, after.ranks):
+        assert a.weights.attention - b.weights.attention == hf.num_hidden_layers * o_proj_row
+        assert a.weights.mlp - b.weights.mlp == hf.num_hidden_layers * down_proj_row
+        assert (a.weights.embedding, a.weights.lm_head, a.weights.norms) == (
+            b.weights.embedding, b.weights.lm_head, b.weights.norms,
+        )  # fmt: skip
+        assert a.weight_bytes == a.weights.total and a.kv_bytes_per_block == b.kv_bytes_per_block
+
+
+def test_plan_follows_how_the_layers_place_kv_heads(checkpoint, monkeypatch) -> None:
+    """Make every rank hold every KV head: plan's KV heads, bytes per block, blocks and notes follow."""
+    path = str(checkpoint("qwen3-gqa"))  # 2 KV heads of 32
+    options = dict(tensor_parallel_size=2, kv_cache_memory="1MiB", block_size=4)
+    before = make_plan(path, **options)
+    monkeypatch.setattr(decoder, "QKVParallelLinear", EveryKVHeadOnEveryRank)
+    after = make_plan(path, **options)
+    hf = EngineConfig.create(path).hf_config
+    assert [r.num_kv_heads for r in before.ranks] == [1, 1] and [r.num_kv_heads for r in after.ranks] == [2, 2]
+    for b, a in zip(before.ranks, after.ranks):
+        assert a.kv_bytes_per_block == 2 * b.kv_bytes_per_block
+        assert a.local_num_blocks == a.kv_budget_bytes // a.kv_bytes_per_block < b.local_num_blocks
+        # k and v: one more head of head_dim rows each, in every layer
+        assert a.weight_bytes - b.weight_bytes == hf.num_hidden_layers * 2 * hf.head_dim * hf.hidden_size * 4
+    assert not any("replicated" in n for n in before.notes)
+    assert any("each KV head is replicated on 2 ranks" in n for n in after.notes)
+
+
+def test_runner_and_plan_size_a_block_with_one_function(checkpoint, monkeypatch) -> None:
+    """Change the per-layer KV layout in models/shard.py (a third plane, as if scales sat beside K and V):
+    the runner's bytes per block and plan's prediction change together."""
+    path = str(checkpoint("qwen3-gqa"))
+    options = dict(kv_cache_memory="1MiB", block_size=4)
+    before = make_plan(path, **options).ranks[0].kv_bytes_per_block
+    monkeypatch.setattr(shard, "kv_cache_shape", lambda layer, n, bs: (3, n, bs, layer.num_kv_heads, layer.head_dim))
+    runner = ModelRunner(EngineConfig.create(path, **options), TPGroup())
+    assert make_plan(path, **options).ranks[0].kv_bytes_per_block == runner.kv_bytes_per_block == before * 3 // 2
+
+
+def test_plan_reads_no_weights_and_builds_on_meta(checkpoint, monkeypatch) -> None:
+    path = str(checkpoint("qwen2-mqa-bias"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("plan opened a checkpoint file")
+
+    monkeypatch.setattr(loader, "safe_open", refuse)
+    monkeypatch.setattr(loader, "load_weights", refuse)
+    plan = make_plan(path, tensor_parallel_size=2, kv_cache_memory="1MiB")
+    assert plan.fits and plan.ranks[0].weight_bytes > 0
+    config = EngineConfig.create(path, tensor_parallel_size=2)
+    ctx = BuildContext(torch.float32, TPGroup(rank=1, size=2), "torch_sdpa", config.max_model_len)
+    model = shard.build_shard(resolve_architecture(config.hf_config), config.hf_config, ctx)
+    assert all(p.is_meta for p in model.parameters())
+    assert not any(b.is_meta for b in model.buffers())  # rotary tables: computed, small
+
+
+def test_every_parameter_is_in_a_weight_part(checkpoint) -> None:
+    """The printed breakdown always adds up: a parameter under no known part is refused, not dropped."""
+    config = EngineConfig.create(str(checkpoint("qwen3-gqa")))
+    ctx = BuildContext(torch.float32, TPGroup(), "torch_sdpa", config.max_model_len)
+    model = shard.build_shard(resolve_architecture(config.hf_config), config.hf_config, ctx)
+    assert sum(shard.parameter_bytes_by_part(model).values()) == shard.parameter_bytes(model)
+    model.extra = nn.Parameter(torch.empty(3, device="meta"), requires_grad=False)
+    with pytest.raises(ValueError, match="parameter extra is in no weight part"):
+        shard.parameter_bytes_by_part(model)

@@ -26,6 +26,7 @@ class Seq:
     token_ids: list[int]
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)
+    num_hashed_blocks: int = 0
     num_computed_tokens: int = 0
 
 

@@ -96,3 +96,116 @@ def test_v4_and_v5_config_shapes_give_identical_output(
     lp4 = [e[t].logprob for o in results[0] for e, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
     lp5 = [e[t].logprob for o in results[1] for e, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
     assert lp4 == lp5  # same weights, same config: bit-identical
+
+
+# ------------------------------------------------------------------------------------------------ max_model_len
+
+
+def test_max_model_len_explicit_is_recorded(checkpoint: CheckpointCache) -> None:
+    """Start-up lowers a default max_model_len that the KV cache cannot hold, but never an explicit one."""
+    path = str(checkpoint("qwen3-gqa"))
+    assert not EngineConfig.create(path).max_model_len_explicit
+    explicit = EngineConfig.create(path, max_model_len=512)
+    assert explicit.max_model_len_explicit and explicit.max_model_len == 512
+
+
+# ------------------------------------------------------------------------------------------------ sliding windows
+# Sliding-window attention is not implemented: a config with a window must not run past it. config.json alone
+# is enough for EngineConfig.create, written by transformers' own config classes.
+
+SMALL_MODEL = dict(
+    vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=512,
+)  # fmt: skip
+
+
+def _config_dir(path: pathlib.Path, arch: str, drop: tuple[str, ...] = (), **overrides: object) -> str:
+    """A directory holding only the config.json transformers writes for ``arch``; ``overrides`` are then set in
+    the JSON itself (as a config written by another transformers version may carry them), ``drop`` removed."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    classes = {
+        "MistralForCausalLM": MistralConfig, "Qwen2ForCausalLM": Qwen2Config,
+        "Qwen3ForCausalLM": Qwen3Config, "LlamaForCausalLM": LlamaConfig,
+    }  # fmt: skip
+    config = classes[arch](**SMALL_MODEL, architectures=[arch])
+    config.save_pretrained(path)
+    raw = json.loads((path / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k not in drop} | overrides
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return str(path)
+
+
+# (arch, config.json fields, JSON keys removed, expected default max_model_len, windowed layers named)
+WINDOW_CASES = {
+    # Mistral v0.1 style: sliding_window, no layer_types; the window applies to every layer.
+    "mistral-window": ("MistralForCausalLM", {"sliding_window": 64}, (), 64, "0-2"),
+    "mistral-no-window": ("MistralForCausalLM", {"sliding_window": None}, (), 512, None),
+    "mistral-window-beyond-context": ("MistralForCausalLM", {"sliding_window": 4096}, (), 512, None),
+    # Qwen2 as transformers 4.x wrote it (no layer_types): transformers 5 resolves layer_types from
+    # use_sliding_window and max_window_layers; layers >= max_window_layers slide.
+    "qwen2-v4-window-from-layer-1": (
+        "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
+        ("layer_types",), 64, "1-2",
+    ),
+    # sliding_window set, but every layer is below max_window_layers: all full attention, so no cap.
+    "qwen2-v4-window-on-no-layer": (
+        "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 3},
+        ("layer_types",), 512, None,
+    ),
+    # Real Qwen2.5 checkpoints: sliding_window given, use_sliding_window false: full attention everywhere.
+    "qwen2-v4-window-disabled": (
+        "Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": 64}, ("layer_types",), 512, None,
+    ),
+    # transformers 5 shape: explicit layer_types decide which layers slide.
+    "qwen3-layer-types": (
+        "Qwen3ForCausalLM",
+        {"use_sliding_window": True, "sliding_window": 96,
+         "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+        (), 96, "1",
+    ),  # fmt: skip
+    "llama": ("LlamaForCausalLM", {}, (), 512, None),
+}
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+def test_default_max_model_len_is_capped_at_the_smallest_window(
+    case: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    arch, fields, drop, expected, layers = WINDOW_CASES[case]
+    path = _config_dir(tmp_path, arch, drop, **fields)
+    with caplog.at_level("WARNING", logger="nanoserve.config"):
+        config = EngineConfig.create(path)
+    assert config.max_model_len == expected
+    warnings = [r.getMessage() for r in caplog.records if r.name == "nanoserve.config"]
+    if layers is None:
+        assert not warnings
+    else:
+        (warning,) = warnings
+        assert f"max_model_len defaults to {expected}, the sliding window of layers {layers}," in warning
+        assert "max_position_embeddings (512)" in warning
+
+
+def test_window_left_set_on_full_attention_layers_does_not_cap(tmp_path: pathlib.Path) -> None:
+    """The layer types decide, not the presence of sliding_window: here transformers keeps the window
+    (use_sliding_window is true) but resolves every layer to full attention."""
+    arch, fields, drop, _, _ = WINDOW_CASES["qwen2-v4-window-on-no-layer"]
+    config = EngineConfig.create(_config_dir(tmp_path, arch, drop, **fields), max_model_len=512)
+    assert config.hf_config.sliding_window == 64
+    assert set(config.hf_config.layer_types) == {"full_attention"}
+    assert config.max_model_len == 512
+
+
+@pytest.mark.parametrize("case", ["mistral-window", "qwen2-v4-window-from-layer-1", "qwen3-layer-types"])
+def test_explicit_max_model_len_beyond_the_window_is_refused(case: str, tmp_path: pathlib.Path) -> None:
+    arch, fields, drop, window, layers = WINDOW_CASES[case]
+    path = _config_dir(tmp_path, arch, drop, **fields)
+    with pytest.raises(
+        ValueError,
+        match=rf"^max_model_len: {window + 1} is longer than the sliding window \({window} tokens\) of layers "
+        rf"{layers};.*pass max_model_len <= {window}$",
+    ):
+        EngineConfig.create(path, max_model_len=window + 1)
+    config = EngineConfig.create(path, max_model_len=window)  # the length the error suggests works
+    assert config.max_model_len == window and config.max_model_len_explicit
+    assert EngineConfig.create(path, max_model_len=16).max_model_len == 16

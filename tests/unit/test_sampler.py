@@ -1,16 +1,18 @@
-"""The sampler on hand-made logits: penalty math (OpenAI/vLLM definitions), min_tokens masking, greedy,
-truncation (top-k / top-p / min-p), temperature, the sampled distribution, seeds, log-probabilities, and
-settings at the edges (a top_k beyond the vocabulary, seeds beyond 64 bits, tiny and huge temperatures)."""
+"""The sampler on hand-made logits: penalty math (OpenAI/vLLM definitions) and the per-sequence penalty state
+kept across steps, min_tokens masking, greedy, truncation (temperature, then min-p, then top-k / top-p, as vLLM
+v1), the sampled distribution, seeds, log-probabilities, and settings at the edges (a top_k beyond the
+vocabulary, seeds beyond 64 bits, tiny and huge temperatures)."""
 
 from __future__ import annotations
 
 import itertools
+import random
 
 import pytest
 import torch
 
 from nanoserve.engine.sequence import Sequence
-from nanoserve.layers.sampler import Sampler, _seed_for
+from nanoserve.layers.sampler import Sampler, _seed_for, _truncate
 from nanoserve.sampling_params import SamplingParams
 
 EOS = 0
@@ -35,8 +37,8 @@ def test_penalty_math_on_a_hand_made_row() -> None:
     logits = torch.tensor([1.0, 2.0, -1.0, 0.5, -0.5, 3.0])
     # prompt has tokens 1 and 2; the output so far is 2, 3, 3
     s = seq(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), [1, 2], [2, 3, 3])
-    row = logits.clone()
-    Sampler._apply_penalties(row, s)
+    row = logits.clone()[None]
+    Sampler({EOS}, seed=0)._apply_penalties(row, [s])
     expected = [
         1.0,  # never seen
         2.0 / 2.0,  # prompt only: repetition (positive -> divided); no presence/frequency (output only)
@@ -45,7 +47,7 @@ def test_penalty_math_on_a_hand_made_row() -> None:
         -0.5,
         3.0,
     ]
-    assert row.tolist() == pytest.approx(expected)
+    assert row[0].tolist() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +95,90 @@ def test_logprobs_are_from_the_raw_logits() -> None:
     assert lp is not None
     assert lp.token_logprob == pytest.approx(float(raw[1])) and lp.token_rank == 2
     assert lp.top_ids == [0, 1] and lp.top_logprobs == pytest.approx(raw[:2].tolist())
+
+
+def reference_penalties(row: torch.Tensor, s: Sequence) -> torch.Tensor:
+    """The penalties computed from scratch over the whole sequence (the sampler's definition before it kept
+    state), for comparison with the kept state step by step: the results must be bit-identical."""
+    row, params, vocab = row.clone(), s.params, row.shape[0]
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(s.token_ids)), dtype=torch.long)
+        seen = seen[seen < vocab]
+        values = row[seen]
+        row[seen] = torch.where(values > 0, values / params.repetition_penalty, values * params.repetition_penalty)
+    if params.presence_penalty or params.frequency_penalty:
+        output = torch.tensor(s.output_token_ids, dtype=torch.long)
+        if output.numel():
+            counts = torch.bincount(output[output < vocab], minlength=vocab).to(row.dtype)
+            row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+    return row
+
+
+PENALTY_PARAMS = [
+    SamplingParams(temperature=0, repetition_penalty=1.3),
+    SamplingParams(temperature=0, presence_penalty=0.7),
+    SamplingParams(temperature=0, frequency_penalty=-0.4),
+    SamplingParams(temperature=0, repetition_penalty=0.8, presence_penalty=-0.3, frequency_penalty=0.25),
+    SamplingParams(temperature=1.0, repetition_penalty=1.1, frequency_penalty=0.5),
+]
+
+
+def test_penalty_state_matches_a_from_scratch_reference_as_sequences_grow() -> None:
+    """Sequences grow by random tokens (a few per step, sometimes a burst, some ids beyond the vocabulary, which
+    are ignored) in a batch with a sequence without penalties; some sit out steps (preempted, or not scheduled)
+    and come back with several new tokens; some finish (forget) and their seq_id is reused for new tokens."""
+    vocab, rng = 23, random.Random(0)
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(vocab + 6) for _ in range(n)]
+
+    sampler = Sampler({EOS}, seed=0)
+    seqs = [seq(params, tokens(rng.randrange(0, 12)), tokens(rng.randrange(0, 3))) for params in PENALTY_PARAMS]
+    seqs.append(seq(SamplingParams(temperature=0), tokens(4)))
+    for step in range(60):
+        batch = [s for s in seqs if rng.random() < 0.8]
+        logits = torch.randn(len(batch), vocab) * 3
+        expected = [reference_penalties(logits[i], s) for i, s in enumerate(batch)]
+        sampler._apply_penalties(logits, batch)
+        for i, s in enumerate(batch):
+            assert torch.equal(logits[i], expected[i]), (step, s.params)
+        for s in seqs:
+            s.token_ids += tokens(rng.choice([0, 1, 1, 1, 2, 9]))
+        if step % 20 == 9:  # a request ends; a new sequence takes its id, which only a cleared state gets right
+            j = step % len(PENALTY_PARAMS)
+            sampler.forget(seqs[j].seq_id)
+            fresh = tokens(rng.randrange(1, 8))
+            seqs[j] = Sequence(seqs[j].seq_id, "r", 0, fresh, len(fresh), seqs[j].params)
+    assert set(sampler._penalty_states) == {s.seq_id for s in seqs[: len(PENALTY_PARAMS)]}  # none for the plain one
+    for s in seqs:
+        sampler.forget(s.seq_id)
+    assert not sampler._penalty_states, "forget leaves penalty state behind"
+
+
+@pytest.mark.parametrize("params", [dict(presence_penalty=0.15), dict(frequency_penalty=0.15), dict(repetition_penalty=1.1)])
+def test_a_token_appended_after_the_first_step_is_penalised(params: dict) -> None:
+    """The state is updated with the tokens appended since the last step, not built once."""
+    sampler = Sampler({EOS}, seed=0)
+    s = seq(SamplingParams(temperature=0, **params), [2], [])
+    logits = torch.tensor([[2.0, 1.9, -5.0]])
+    assert sampler(logits.clone(), [s]).token_ids == [0]
+    s.token_ids.append(0)
+    assert sampler(logits.clone(), [s]).token_ids == [1]  # 2.0 - 0.15 or 2.0 / 1.1 falls below 1.9
+    s.token_ids.append(1)
+    assert sampler(logits.clone(), [s]).token_ids == [0]  # both penalised now: 1.85 > 1.75 (1.82 > 1.73)
+
+
+def test_forget_clears_penalty_state_and_only_penalised_sequences_get_any() -> None:
+    sampler = Sampler({EOS}, seed=0)
+    logits = torch.tensor([[2.0, 1.9, -5.0]])
+    plain = seq(SamplingParams(temperature=0), [2], [0, 0])
+    s = seq(SamplingParams(temperature=0, presence_penalty=0.15), [2], [0])
+    assert sampler(logits.repeat(2, 1), [plain, s]).token_ids == [0, 1]
+    assert list(sampler._penalty_states) == [s.seq_id]
+    sampler.forget(s.seq_id)
+    # Same seq_id, same length, other tokens: stale state (token 0 counted, nothing new to count) would pick 1.
+    again = Sequence(s.seq_id, "r", 0, [2, 1], 1, s.params)
+    assert sampler(logits.clone(), [again]).token_ids == [0]
 
 
 # ------------------------------------------------------------------------------------------------ masking, greedy
@@ -155,6 +241,43 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top() -> None:
     freq = frequencies(SamplingParams(temperature=1.0, min_p=0.2))  # threshold 0.1: drops only 0.05
     assert freq[3] == 0
     assert freq[:3] == pytest.approx([p / 0.95 for p in PROBS[:3]], abs=0.03)
+
+
+def kept(probs: list[float], params: SamplingParams) -> list[int]:
+    """The tokens that survive truncation (their scaled logit is finite)."""
+    out = _truncate(torch.log(torch.tensor([probs])), [params])
+    return torch.isfinite(out[0]).nonzero().squeeze(1).tolist()
+
+
+def test_min_p_comes_before_top_p_as_in_vllm_v1() -> None:
+    """Probabilities 0.4, 0.3, 0.2, 0.1 with min_p=0.3 (threshold 0.12) and top_p=0.75. vLLM v1's order: min-p
+    drops token 3 first; renormalised, the rest is 4/9, 3/9, 2/9, and the tokens before token 2 already hold
+    7/9 >= 0.75, so top-p drops it too: {0, 1}. Top-p first would see 0.4 + 0.3 = 0.7 < 0.75 before token 2 and
+    keep it: {0, 1, 2}. (Min-p alone is the same in either order: renormalising keeps the ratio to the top.)"""
+    probs = [0.4, 0.3, 0.2, 0.1]
+    params = SamplingParams(temperature=1.0, top_p=0.75, min_p=0.3)
+    assert kept(probs, params) == [0, 1]
+    assert kept(probs, SamplingParams(temperature=1.0, top_p=0.75)) == [0, 1, 2]  # top-p alone
+    assert kept(probs, SamplingParams(temperature=1.0, min_p=0.3)) == [0, 1, 2]  # min-p alone
+    assert kept(probs, SamplingParams(temperature=1.0, top_p=0.75, min_p=0.3, top_k=3)) == [0, 1]
+    # And what is sampled: never token 2 (top-p first samples it 2/9 of the time), 0 and 1 as 4:3.
+    assert frequencies(params, probs) == pytest.approx([4 / 7, 3 / 7, 0, 0], abs=0.03)
+
+
+def test_min_p_is_relative_to_the_temperature_scaled_distribution() -> None:
+    # T = 0.5 squares the probabilities: 0.16, 0.09, 0.04, 0.01 (then renormalised). min_p=0.2 of the top drops
+    # token 3 (0.01 / 0.16 < 0.2) but not token 2 (0.25); on the unscaled distribution both would stay (0.25).
+    assert kept([0.4, 0.3, 0.2, 0.1], SamplingParams(temperature=0.5, min_p=0.2)) == [0, 1, 2]
+    assert kept([0.4, 0.3, 0.2, 0.1], SamplingParams(temperature=1.0, min_p=0.2)) == [0, 1, 2, 3]
+
+
+def test_truncation_keeps_the_top_token_and_rows_apart() -> None:
+    logits = torch.log(torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.1, 0.2, 0.3, 0.4]]))
+    params = [SamplingParams(temperature=1.0, min_p=1.0, top_p=1e-9), SamplingParams(temperature=1.0, top_k=2)]
+    before = logits.clone()
+    out = _truncate(logits, params)
+    assert torch.isfinite(out).tolist() == [[True, False, False, False], [False, False, True, True]]
+    assert torch.equal(logits, before)  # the input is left as it was
 
 
 # ------------------------------------------------------------------------------------------------ seeds

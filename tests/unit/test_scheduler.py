@@ -1,4 +1,6 @@
-"""The scheduler without a model: fake sampled tokens go back through ``update_from_output``.
+"""The scheduler without a model: fake sampled tokens go back through ``update_from_output``, and the output
+processor's token rules (``token_finish``: stop tokens, max_tokens, max_model_len) decide what finishes, handed
+back through ``finish_seqs`` as the engine does.
 
 A fake runner mirrors the block tables from the ``ScheduledChunk`` messages alone (full table on ``reset``,
 appended blocks otherwise, dropped on release), so the incremental protocol tensor-parallel workers rely on
@@ -15,9 +17,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanoserve.engine.output_processor import token_finish
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence, SequenceStatus
-from nanoserve.engine.step import SchedulerOutput
+from nanoserve.engine.step import Finish, SchedulerOutput
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.sampling_params import SamplingParams
 
@@ -67,7 +70,10 @@ class Harness:
             assert chunk.token_ids == seq.token_ids[chunk.start : chunk.start + len(chunk.token_ids)]
             assert chunk.start == seq.num_computed_tokens
         tokens = [sample(seq) for chunk, seq in zip(out.chunks, out.seqs) if chunk.sample]
-        self.scheduler.update_from_output(out, tokens)
+        advanced = self.scheduler.update_from_output(out, tokens)
+        limit = self.scheduler.limits.max_model_len
+        finishes = [f for seq in advanced if (f := token_finish(seq, seq.token_ids[-1], {EOS}, limit)) is not None]
+        self.scheduler.finish_seqs(finishes)
         self.scheduler.check_integrity()
         return out
 
@@ -93,7 +99,7 @@ def harness(
 ) -> Harness:
     bm = BlockManager(num_blocks, BS, caching)
     limits = SchedulerLimits(max_num_seqs, budget, max_model_len, chunked)
-    return Harness(Scheduler(limits, bm, {EOS}))
+    return Harness(Scheduler(limits, bm))
 
 
 def lens(out: SchedulerOutput) -> dict[int, int]:
@@ -193,6 +199,45 @@ def test_parallel_samples_share_the_prompt_blocks() -> None:
     assert all(h.bm.blocks[b].ref_count == 3 for b in first.block_ids[:shared])
     h.run()
     assert h.bm.num_free_blocks == h.bm.num_blocks
+
+
+def test_samples_waiting_for_their_prompt_do_not_stall_the_queue() -> None:
+    # Sample 1 waits until sample 0 has computed the shared prompt; the request behind it must not wait too.
+    h = harness(budget=16, chunked=False)
+    first, second = h.add(10, SamplingParams(n=2, max_tokens=3, ignore_eos=True, seed=1), n=2)
+    (other,) = h.add(4)
+    out = h.step()
+    assert set(lens(out)) == {first.seq_id, other.seq_id}
+    assert second.status is SequenceStatus.WAITING and h.scheduler.waiting[0] is second
+    h.run()
+    assert h.bm.num_free_blocks == h.bm.num_blocks
+
+
+def test_sibling_blocks_are_no_prefix_cache_hit() -> None:
+    h = harness(budget=64)
+    h.add(22, SamplingParams(n=3, max_tokens=2, ignore_eos=True, seed=1), n=3)
+    h.run()
+    assert (h.bm.stats.queries, h.bm.stats.hits) == (22, 0)  # one lookup for the request; nothing was cached
+
+
+def steady_overload(watermark_blocks: int) -> int:
+    """Preemptions while requests keep arriving faster than a 64-block cache serves them."""
+    bm = BlockManager(64, BS, enable_prefix_caching=False)
+    h = Harness(Scheduler(SchedulerLimits(64, 256, 256, watermark_blocks=watermark_blocks), bm))
+    lengths = itertools.cycle([(9, 34), (20, 16), (5, 45), (13, 31), (30, 29)])
+    for _ in range(300):
+        prompt, output = next(lengths)
+        h.add(prompt, SamplingParams(max_tokens=output, ignore_eos=True))
+        h.step()
+    h.run()
+    return h.scheduler.num_preemptions
+
+
+def test_a_watermark_stops_admit_then_preempt_churn() -> None:
+    # Deterministic (no model, no clock): 359 preemptions without a watermark, 177 with 4 blocks, 96 with 8.
+    without, small, larger = steady_overload(0), steady_overload(4), steady_overload(8)
+    assert without > 100, "the workload must overload the cache"
+    assert small < 0.6 * without and larger < small, (without, small, larger)
 
 
 # ------------------------------------------------------------------------------------------------ preemption
@@ -340,10 +385,9 @@ def test_finish_frees_blocks_in_any_state(state: str) -> None:
     if state == "running":
         h.step()
         assert seq.block_ids
-    h.scheduler.finish(seq, "abort")
+    h.scheduler.finish_seqs([Finish(seq, "abort")])
     assert seq.is_finished and seq.finish_reason == "abort" and seq.block_ids == []
-    assert h.scheduler.finished_in_step == [seq]
-    h.scheduler.finish(seq, "abort")  # idempotent
+    h.scheduler.finish_seqs([Finish(seq, "abort")])  # idempotent
     assert h.scheduler.num_finished == 1
     out = h.step()
     assert out.is_empty
@@ -355,7 +399,7 @@ def test_sequence_aborted_during_a_step_is_left_alone() -> None:
     h = harness()
     a, b = h.add(6)[0], h.add(6)[0]
     out = h.scheduler.schedule()
-    h.scheduler.finish(a, "abort")  # e.g. a client disconnected while the model ran
+    h.scheduler.finish_seqs([Finish(a, "abort")])  # e.g. a client disconnected while the model ran
     advanced = h.scheduler.update_from_output(out, [11, 12])
     assert advanced == [b] and b.output_token_ids == [12]
     assert a.output_token_ids == [] and a.finish_reason == "abort"
