@@ -131,7 +131,12 @@ def run_env_worker(config: EngineConfig) -> None:
     tp = _init_group(config, rank, world_size, _env_store(rank, world_size))
     runner, _ = start_rank(config, tp, local_world_size=local_world)
     worker_loop(runner, tp)
-    sys.exit(0)
+    # Leave without interpreter teardown: destroying the process groups while gloo's threads still run can
+    # abort the process ("terminate called without an active exception"), which the launcher reports as a
+    # failed rank. The spawned workers exit the same way.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class MultiprocExecutor:
