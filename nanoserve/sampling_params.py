@@ -125,15 +125,6 @@ class SamplingParams:
         return self.temperature < SAMPLING_EPS or self.top_k == 1
 
     @property
-    def stop_holdback(self) -> int:
-        """Characters of new text held back while the request runs: a stop string that began in them would
-        cut the text there, and released text is never taken back. Nothing is held back when the stop string
-        itself is kept (the cut then falls after it)."""
-        if not self._stop_strings or self.include_stop_str_in_output:
-            return 0
-        return max(len(s) for s in self._stop_strings) - 1
-
-    @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 

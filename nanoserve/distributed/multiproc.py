@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import gc
 import datetime
 import logging
 import multiprocessing as mp
@@ -251,6 +252,11 @@ class MultiprocExecutor:
         for proc in self._procs:
             proc.join(timeout=10)
         self._kill_workers()
+        # Destroy the process groups now, while the interpreter is whole: left to interpreter teardown, gloo's
+        # threads may still be running when their owners are freed, which aborts the process ("terminate
+        # called without an active exception"); under torchrun the launcher reports that as a failed rank.
+        self.runner = self.tp = self._store = None
+        gc.collect()
 
     def _kill_workers(self) -> None:
         for proc in self._procs:

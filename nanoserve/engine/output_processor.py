@@ -32,11 +32,9 @@ from nanoserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 def token_finish(seq: Sequence, token: int, eos_token_ids: set[int], max_model_len: int) -> Finish | None:
-    """The stop rules that need no text: stop tokens (past ``min_tokens``), then the length limits.
-
-    Used by the output processor between its stop-token and stop-string checks, and on its own by tests that
-    drive the scheduler without a tokenizer.
-    """
+    """The stop rules that need no text: stop tokens (past ``min_tokens``), then the length limits. The output
+    processor applies the two halves with the stop-string search between them; this is the order for callers
+    with no text (scheduler tests and benchmarks that run without a tokenizer)."""
     stop = stop_token_finish(seq, token, eos_token_ids)
     return stop if stop is not None else length_finish(seq, max_model_len)
 
@@ -179,18 +177,17 @@ class OutputProcessor:
         seqs: list[Sequence], arrival_time: float,
     ) -> None:  # fmt: skip
         window = max((len(stop) for stop in params._stop_strings), default=1) - 1
+        # A kept stop string ends in the newest text, so the cut never falls in released text: nothing is held.
+        holdback = 0 if params.include_stop_str_in_output else window
         samples = [
             SampleState(
                 seq, DetokenizerState.start(self.tokenizer, prompt_token_ids, params.skip_special_tokens), window,
-                params.stop_holdback,
+                holdback,
                 logprobs=[] if params.logprobs is not None else None,
             )
             for seq in seqs
         ]  # fmt: skip
         self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, samples, arrival_time)
-
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
 
     # ---- a step --------------------------------------------------------------------------------------
     def process(

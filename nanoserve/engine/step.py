@@ -43,10 +43,6 @@ class StepInput:
     released_seq_ids: list[int]
     report_tables: bool = False
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks and not self.released_seq_ids and not self.report_tables
-
 
 @dataclass
 class RunnerOutput:

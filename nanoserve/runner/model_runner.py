@@ -72,8 +72,8 @@ class ModelRunner:
         """
         for i, layer in enumerate(self.attention_layers):
             n = num_blocks - 1 if i in short_layers else num_blocks
-            # [K/V, blocks, block_size, kv_heads, head_dim]
-            shape = (2, max(0, n), self.block_size, self.num_kv_heads, self.head_dim)
+            # The layout kv_bytes_per_block (and plan) count: [K/V, blocks, block_size, kv_heads, head_dim].
+            shape = shard.kv_cache_shape(layer, max(0, n), self.block_size)
             layer.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
         per_layer = [int(layer.kv_cache.shape[1]) for layer in self.attention_layers]
         self.num_blocks = min(per_layer)

@@ -80,6 +80,7 @@ class _Cursor:
     """What a stream has sent of one choice."""
 
     tokens_sent: int = 0
+    started: bool = False  # an output of this choice has been seen (the echo goes before the first)
     text_offset: int = 0  # completions logprobs: character offset of the next token
     utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
     done: bool = False
@@ -408,20 +409,19 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:  # fmt: skip
         n = params[0].n
         cursors = [[_Cursor() for _ in range(n)] for _ in prompts]
-        echoed = [[False] * n for _ in prompts]
         try:
             async for pi, out in merge_streams(streams):
                 for c in out.outputs:
                     cursor = cursors[pi][c.index]
                     if cursor.done:
                         continue
-                    first = not echoed[pi][c.index]
+                    first = not cursor.started
+                    cursor.started = True
                     text, t0, t1 = _advance(cursor, c)
                     finished = c.finish_reason is not None
                     cursor.done = finished
                     if req.echo and first:
                         text = self._echo_text(prompts[pi]) + text
-                    echoed[pi][c.index] = True
                     new_tokens = t1 > t0 and (req.logprobs is not None or req.return_token_ids)
                     if not (text or finished or new_tokens):
                         continue

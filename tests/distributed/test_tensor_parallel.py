@@ -202,9 +202,6 @@ def test_torchrun_launcher(tp_checkpoints, tmp_path) -> None:
                             SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
         print("RESULT " + json.dumps([o.outputs[0].token_ids for o in outs]), flush=True)
         llm.close()
-        # Interpreter teardown under the elastic agent sometimes aborts inside gloo's threads (a known
-        # torch exit-time race, unrelated to what this test checks); leave without it.
-        os._exit(0)
     """))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     # The ranks import the nanoserve under test, not whichever one the interpreter would find first.
