@@ -6,7 +6,8 @@ Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which need
 per-sequence generator for seeded requests, so a seeded request samples the same tokens alone or in any batch.
 
 Penalties read per-sequence state (``_PenaltyState``) that is brought up to date with only the tokens appended
-since the sampler last saw the sequence, so their host work per step does not grow with the sequence.
+since the sampler last saw the sequence, so their host work per step does not grow with the sequence; on the
+device they touch only the distinct tokens seen (at a 152k vocabulary, full-vocabulary masks cost ~2 ms a row).
 """
 
 from __future__ import annotations
@@ -90,14 +91,44 @@ def _truncate(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tenso
 
 
 @dataclass(slots=True)
+class _DistinctIds:
+    """Distinct token ids seen so far: a host set, which tells the new ones apart in O(1) each, and the same
+    ids in arrival order at the front of a [V] device buffer, which indexes the logits: the penalties then
+    touch only these entries, never the whole vocabulary."""
+
+    members: set[int]
+    buffer: torch.Tensor  # [V] int64; buffer[: len(members)] holds the members
+
+    @classmethod
+    def empty(cls, vocab: int, device: torch.device) -> _DistinctIds:
+        return cls(set(), torch.empty(vocab, dtype=torch.long, device=device))
+
+    @property
+    def index(self) -> torch.Tensor:
+        return self.buffer[: len(self.members)]
+
+
+@dataclass(slots=True)
 class _PenaltyState:
     """What the penalties of one sequence need, counted over ``token_ids[:num_counted]`` and brought up to date
     each step with only the tokens appended since. Token ids >= V are never counted. A preempted sequence
     keeps its token_ids (they are recomputed, not re-sampled), so the state stays valid across preemption."""
 
-    seen: torch.Tensor | None  # [V] bool: in the prompt or the output; None without repetition_penalty
-    counts: torch.Tensor | None  # [V] float32: occurrences in the output; None without presence/frequency
+    seen: _DistinctIds | None  # tokens of the prompt and the output; None without repetition_penalty
+    output: _DistinctIds | None  # tokens of the output; None without presence/frequency penalties
+    counts: torch.Tensor | None  # [V] float32: occurrences in the output (with ``output``)
     num_counted: int = 0
+
+
+def _add_distinct(distinct: _DistinctIds, tokens: list[int], vocab: int) -> list[int]:
+    """Add ``tokens`` (ids >= ``vocab`` ignored) to ``distinct``'s host set; returns the new ones, in order, for
+    the caller to write into its device buffer."""
+    new = []
+    for t in tokens:
+        if t < vocab and t not in distinct.members:
+            distinct.members.add(t)
+            new.append(t)
+    return new
 
 
 class Sampler:
@@ -171,45 +202,58 @@ class Sampler:
             return
         vocab = logits.shape[1]
         states = [self._penalty_state_for(seqs[i], vocab, logits.device) for i in rows]
-        new_ids: list[int] = []  # every row's new tokens: first those for `seen`, then those for `counts`
-        spans: list[tuple[int, int, int]] = []  # per row: new_ids[a:b] go to seen, new_ids[b:c] to counts
+        # Every row's new tokens go to the device in one copy: per row, the new distinct ids of ``seen``, every
+        # new output token (for ``counts``), then the new distinct ids of ``output``.
+        new_ids: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []
         for i, state in zip(rows, states):
             seq = seqs[i]
             a = len(new_ids)
             if state.seen is not None:
-                new_ids += [t for t in seq.token_ids[state.num_counted :] if t < vocab]
+                new_ids += _add_distinct(state.seen, seq.token_ids[state.num_counted :], vocab)
             b = len(new_ids)
-            if state.counts is not None:
-                first_output = max(state.num_counted, seq.num_prompt_tokens)
-                new_ids += [t for t in seq.token_ids[first_output:] if t < vocab]
-            spans.append((a, b, len(new_ids)))
+            if state.output is not None:
+                output = [t for t in seq.token_ids[max(state.num_counted, seq.num_prompt_tokens) :] if t < vocab]
+                new_ids += output
+                c = len(new_ids)
+                new_ids += _add_distinct(state.output, output, vocab)
+            else:
+                c = b
+            spans.append((a, b, c, len(new_ids)))
             state.num_counted = len(seq.token_ids)
         if new_ids:
             ids = torch.tensor(new_ids, dtype=torch.long, device=logits.device)
             ones = torch.ones(len(new_ids), dtype=torch.float32, device=logits.device)
-            for state, (a, b, c) in zip(states, spans):
+            for state, (a, b, c, d) in zip(states, spans):
                 if b > a:
-                    state.seen[ids[a:b]] = True
+                    n = len(state.seen.members)
+                    state.seen.buffer[n - (b - a) : n] = ids[a:b]
                 if c > b:
                     state.counts.index_add_(0, ids[b:c], ones[b:c])
+                if d > c:
+                    n = len(state.output.members)
+                    state.output.buffer[n - (d - c) : n] = ids[c:d]
         for i, state in zip(rows, states):
             params, row = seqs[i].params, logits[i]
-            if state.seen is not None:
-                penalty = params.repetition_penalty
-                row.copy_(torch.where(state.seen, torch.where(row > 0, row / penalty, row * penalty), row))
-            if state.counts is not None and seqs[i].num_output_tokens:
-                counts = state.counts.to(row.dtype)
-                row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+            if state.seen is not None and state.seen.members:
+                penalty, index = params.repetition_penalty, state.seen.index
+                values = row[index]
+                row[index] = torch.where(values > 0, values / penalty, values * penalty)
+            if state.output is not None and state.output.members:
+                # Tokens absent from the output would lose 0: only those present are touched.
+                index = state.output.index
+                row[index] -= params.frequency_penalty * state.counts[index].to(row.dtype) + params.presence_penalty
 
     def _penalty_state_for(self, seq: Sequence, vocab: int, device: torch.device) -> _PenaltyState:
         state = self._penalty_states.get(seq.seq_id)
         # token_ids only grow while a sequence lives; should they ever shrink, count again from the start.
         if state is None or state.num_counted > len(seq.token_ids):
             params = seq.params
-            seen = torch.zeros(vocab, dtype=torch.bool, device=device) if params.repetition_penalty != 1 else None
+            seen = _DistinctIds.empty(vocab, device) if params.repetition_penalty != 1 else None
             wants_counts = params.presence_penalty != 0 or params.frequency_penalty != 0
+            output = _DistinctIds.empty(vocab, device) if wants_counts else None
             counts = torch.zeros(vocab, dtype=torch.float32, device=device) if wants_counts else None
-            state = self._penalty_states[seq.seq_id] = _PenaltyState(seen, counts)
+            state = self._penalty_states[seq.seq_id] = _PenaltyState(seen, output, counts)
         return state
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
