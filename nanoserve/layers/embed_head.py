@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.layers.linear import PackedWeight, pack_weight, packed_linear
+from nanoserve.layers.linear import PackedWeight, ShardRegion, pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -33,12 +33,20 @@ class VocabParallelEmbedding(nn.Module):
         if end > self.vocab_start:
             param.data[: end - self.vocab_start].copy_(loaded[self.vocab_start : end])
 
+    def store_as(self, dtype: torch.dtype) -> None:
+        """Hold the table in ``dtype`` (the checkpoint's half type, beside low-bit projections: a lookup reads
+        one row per token, so it costs no speed, and the table keeps its stored size); rows are widened to the
+        compute dtype as they are looked up. Call before loading."""
+        self.compute_dtype = self.weight.dtype
+        self.weight.data = torch.empty(tuple(self.weight.shape), dtype=dtype)
+
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        compute = getattr(self, "compute_dtype", self.weight.dtype)
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight)
+            return F.embedding(input_ids, self.weight).to(compute)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
-        y = F.embedding(local.masked_fill(outside, 0), self.weight)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight).to(compute)
         y.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(y)
 
@@ -49,10 +57,36 @@ class ParallelLMHead(VocabParallelEmbedding):
     def __init__(self, vocab_size: int, hidden_size: int, dtype: torch.dtype, tp: TPGroup) -> None:
         super().__init__(vocab_size, hidden_size, dtype, tp)
         self.packed_weight: PackedWeight | None = None
+        self.quant: Any = None  # a quantization.linear.QuantizedWeight once use_quantized() is called
+        self.tied = False
+
+    def shard_region(self, shard_id: Any = None) -> ShardRegion:
+        rows = max(0, min(self.vocab_start + self.shard_size, self.vocab_size) - self.vocab_start)
+        return ShardRegion(0, self.vocab_start, rows, 0, (self.vocab_size, self.weight.shape[1]))
+
+    def use_quantized(self, quant: Any) -> None:
+        """Compute the logits from low-bit codes. Untied, the float weight is never filled: the checkpoint's
+        ``lm_head.weight`` is quantized as it is read. Tied, the embedding's weight stays (lookups read it) and
+        is quantized into the codes after loading (:meth:`finish_loading`)."""
+        self.region = self.shard_region()
+        if not self.tied:
+            del self.weight
+        self.quant = quant
+        self.packed = nn.Parameter(quant.allocate(), requires_grad=False)
+
+    def load_checkpoint_tensor(self, suffix: str, loaded: Any, shard_id: Any = None, checkpoint_name: str | None = None) -> None:
+        self.quant.load(self.packed.data, suffix, loaded, self.region, shard_id, checkpoint_name)
+
+    def finish_loading(self) -> None:
+        if self.tied:
+            own_rows = ShardRegion(0, 0, self.region.size, 0, (self.region.size, self.weight.shape[1]))
+            self.quant.load(self.packed.data, "weight", self.weight.data[: self.region.size], own_rows, None, "lm_head")
 
     def pack_for_cpu(self, release_dense: bool) -> bool:
         """Use a packed copy of the weight for the logits (see ``linear.pack_weight``). With tied embeddings
         the dense weight stays (the embedding lookup reads it), so the packed copy costs its size again."""
+        if self.quant is not None:
+            return False
         packed = pack_weight(self.weight)
         if packed is None:
             return False
@@ -62,7 +96,9 @@ class ParallelLMHead(VocabParallelEmbedding):
         return True
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden: [N, H] -> logits [N, V]
-        if self.packed_weight is not None:
+        if self.quant is not None:
+            logits = self.quant.matmul(hidden, self.packed.data, None)
+        elif self.packed_weight is not None:
             logits = packed_linear(hidden, self.packed_weight, None)
         else:
             logits = F.linear(hidden, self.weight)

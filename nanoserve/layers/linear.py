@@ -138,14 +138,6 @@ def packed_linear(x: torch.Tensor, packed: PackedWeight, bias: torch.Tensor | No
     return out
 
 
-def _rows(loaded: Any, start: int, size: int) -> torch.Tensor:
-    return loaded[start : start + size]
-
-
-def _cols(loaded: Any, start: int, size: int) -> torch.Tensor:
-    return loaded[:, start : start + size]
-
-
 def check_shape(loaded: Any, expected: tuple[int, ...]) -> None:
     """Refuse a checkpoint tensor whose full (unsharded) shape is not what this layer expects: slicing or
     ``copy_`` would otherwise truncate or broadcast it without a word."""
@@ -154,9 +146,22 @@ def check_shape(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"shape mismatch: checkpoint {shape} vs expected {tuple(expected)}")
 
 
+@dataclass(frozen=True)
+class ShardRegion:
+    """Where one checkpoint tensor (or one part of a fused layer: q, k, v; gate, up) lands on this rank."""
+
+    split_dim: int  # 0: this rank holds rows [start, start + size) of the tensor; 1: those columns
+    start: int
+    size: int
+    dst_row: int  # first row of the part in this layer's (fused) weight
+    full_shape: tuple[int, int]  # the checkpoint tensor's unsharded [out, in]
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -165,13 +170,47 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
         self.packed_weight: PackedWeight | None = None  # set by pack_for_cpu()
+        self.quant: Any = None  # a quantization.linear.QuantizedWeight once use_quantized() is called
+
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        """The region of checkpoint tensor (part) ``shard_id`` this rank holds; the one place each layer type
+        says how it splits, read by the float and the low-bit loaders alike."""
+        raise NotImplementedError
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        raise NotImplementedError
+        region = self.shard_region(shard_id)
+        rows, cols = region.full_shape
+        if param.dim() == 1:  # bias: split with the output rows, replicated when the inputs are split
+            check_shape(loaded, (rows,))
+            if region.split_dim == 1:
+                param.data.copy_(loaded[:])
+            else:
+                param.data[region.dst_row : region.dst_row + region.size].copy_(loaded[region.start : region.start + region.size])
+            return
+        check_shape(loaded, (rows, cols))
+        if region.split_dim == 0:
+            part = loaded[region.start : region.start + region.size]
+            param.data[region.dst_row : region.dst_row + region.size].copy_(part)
+        else:
+            param.data.copy_(loaded[:, region.start : region.start + region.size])
+
+    def use_quantized(self, quant: Any) -> None:
+        """Hold the weight as low-bit codes (``quant``: a ``quantization.linear.QuantizedWeight``) instead of
+        float: the float parameter is dropped before anything is loaded into it (its untouched pages cost
+        nothing), and checkpoint tensors arrive through ``load_checkpoint_tensor``."""
+        del self.weight
+        self.quant = quant
+        self.packed = nn.Parameter(quant.allocate(), requires_grad=False)
+
+    def load_checkpoint_tensor(self, suffix: str, loaded: Any, shard_id: Any = None, checkpoint_name: str | None = None) -> None:
+        """``checkpoint_name``: the checkpoint's module name of this part (``...q_proj``), for errors."""
+        self.quant.load(self.packed.data, suffix, loaded, self.shard_region(shard_id), shard_id, checkpoint_name)
 
     def pack_for_cpu(self) -> bool:
         """After loading: switch to a packed copy of the weight and release the dense one (so memory does not
         grow). Returns whether it did; afterwards ``weight`` is empty and must not be read."""
+        if self.quant is not None:
+            return False
         packed = pack_weight(self.weight)
         if packed is None:
             return False
@@ -180,6 +219,8 @@ class LinearBase(nn.Module):
         return True
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.quant is not None:
+            return self.quant.matmul(x, self.packed.data, bias)
         if self.packed_weight is not None:
             return packed_linear(x, self.packed_weight, bias)
         return F.linear(x, self.weight, bias)
@@ -189,9 +230,8 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        check_shape(loaded, tuple(param.shape))
-        param.data.copy_(loaded[:])
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        return ShardRegion(0, 0, self.out_features, 0, (self.out_features, self.in_features))
 
 
 class ColumnParallelLinear(LinearBase):
@@ -201,10 +241,9 @@ class ColumnParallelLinear(LinearBase):
         self.tp = tp
         super().__init__(in_features, divide(out_features, tp.size, "output size"), bias, dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        size = param.shape[0]
-        check_shape(loaded, (size * self.tp.size, *param.shape[1:]))
-        param.data.copy_(_rows(loaded, self.tp.rank * size, size))
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        size = self.out_features
+        return ShardRegion(0, self.tp.rank * size, size, 0, (size * self.tp.size, self.in_features))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -214,11 +253,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = [divide(s, tp.size, "intermediate_size") for s in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, dtype, tp)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: int = 0) -> None:
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        shard_id = shard_id or 0
         size = self.out_sizes[shard_id]
         offset = sum(self.out_sizes[:shard_id])
-        check_shape(loaded, (size * self.tp.size, *param.shape[1:]))
-        param.data[offset : offset + size].copy_(_rows(loaded, self.tp.rank * size, size))
+        return ShardRegion(0, self.tp.rank * size, size, offset, (size * self.tp.size, self.in_features))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -254,17 +293,15 @@ class QKVParallelLinear(ColumnParallelLinear):
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: str = "q") -> None:
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        shard_id = shard_id or "q"
         if shard_id == "q":
-            offset, size, start = 0, self.q_size, self.tp.rank * self.q_size
-        else:
-            kv_rank = self.tp.rank // self.kv_replicas
-            offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
-            size, start = self.kv_size, kv_rank * self.kv_size
+            return ShardRegion(0, self.tp.rank * self.q_size, self.q_size, 0, (self.q_size * self.tp.size, self.in_features))
+        kv_rank = self.tp.rank // self.kv_replicas
+        offset = self.q_size + (0 if shard_id == "k" else self.kv_size)
         # KV heads may be replicated (fewer than ranks): the checkpoint holds each once.
-        copies = self.tp.size if shard_id == "q" or self.kv_replicas == 1 else self.tp.size // self.kv_replicas
-        check_shape(loaded, (size * copies, *param.shape[1:]))
-        param.data[offset : offset + size].copy_(_rows(loaded, start, size))
+        copies = self.tp.size // self.kv_replicas
+        return ShardRegion(0, kv_rank * self.kv_size, self.kv_size, offset, (self.kv_size * copies, self.in_features))
 
 
 class RowParallelLinear(LinearBase):
@@ -275,14 +312,9 @@ class RowParallelLinear(LinearBase):
         self.tp = tp
         super().__init__(divide(in_features, tp.size, "input size"), out_features, bias, dtype)
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        if param.dim() == 1:  # bias: replicated
-            check_shape(loaded, tuple(param.shape))
-            param.data.copy_(loaded[:])
-            return
-        size = param.shape[1]
-        check_shape(loaded, (param.shape[0], size * self.tp.size))
-        param.data.copy_(_cols(loaded, self.tp.rank * size, size))
+    def shard_region(self, shard_id: Any) -> ShardRegion:
+        size = self.in_features
+        return ShardRegion(1, self.tp.rank * size, size, 0, (self.out_features, size * self.tp.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.matmul(x, None)

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -35,15 +36,16 @@ logger = logging.getLogger(__name__)
 NATIVE_ENV = "NANOSERVE_NATIVE"
 CACHE_DIR_ENV = "NANOSERVE_CACHE_DIR"
 
-# The C source lives beside this file (a package data file, so non-editable installs carry it too).
-_SOURCE_PATH = Path(__file__).with_name("native_kernels.c")
+# The C sources live beside this file (package data files, so non-editable installs carry them too); they
+# compile into one library.
+_SOURCE_PATHS = (Path(__file__).with_name("native_kernels.c"), Path(__file__).with_name("quant_kernels.c"))
 
 _FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]  # no errno: sqrtf is one instruction
 
 
 @functools.cache
 def _source() -> str:
-    return _SOURCE_PATH.read_text()
+    return "\0".join(path.read_text() for path in _SOURCE_PATHS)
 
 
 def _arch_flags() -> list[str]:
@@ -51,8 +53,28 @@ def _arch_flags() -> list[str]:
     # directory shared with a different CPU never hands back an object built for the wrong one.
     caps = torch.backends.cpu.get_cpu_capability()
     if caps in ("AVX2", "AVX512"):
-        return ["-mavx2", "-mfma"] + (["-mavx512f"] if caps == "AVX512" else [])
+        # AVX-VNNI (the VEX form of the int8 dot product) speeds up the int8-activation kernels where present.
+        flags = _cpu_flags()
+        vnni = ["-mavxvnni"] if "avx_vnni" in flags else []
+        if caps == "AVX512":
+            # 512-bit forms of the low-bit kernels (byte ops and VNNI dot products) where the CPU has them.
+            extra = [f"-m{name}" for name in ("avx512bw", "avx512vl", "avx512dq") if name in flags]
+            vnni += ["-mavx512vnni"] if "avx512_vnni" in flags and "-mavx512bw" in extra else []
+            return ["-mavx2", "-mfma", "-mavx512f", *extra, *vnni]
+        return ["-mavx2", "-mfma", *vnni]
     return []
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
 
 
 def _cache_dir() -> Path:
@@ -71,7 +93,8 @@ def _compile(cc: str, flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         tmp_so = Path(tmp) / target.name
-        subprocess.run([cc, *flags, str(_SOURCE_PATH), "-o", str(tmp_so), "-lm"], check=True, capture_output=True, timeout=120)
+        sources = [str(path) for path in _SOURCE_PATHS]
+        subprocess.run([cc, *flags, *sources, "-o", str(tmp_so), "-lm"], check=True, capture_output=True, timeout=120)
         os.replace(tmp_so, target)  # atomic: concurrent builders (TP workers, test processes) never see half a file
 
 
@@ -107,6 +130,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         "silu_mul_f32": [ptr, i64, i64, ptr],
         "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr],
         "packed_gemv_f32": [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
+        "q_linear_f32": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
+        "q_linear_i8": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
+        "q_dequant_f32": [ptr, i64, i64, i64, i64, i64, i64, i64, ptr],
     }
     for name, argtypes in signatures.items():
         fn = getattr(lib, name)
@@ -229,4 +255,36 @@ def packed_gemv(
     out = torch.empty((m, out_features), dtype=x.dtype)
     kp = padded_in_features or k
     lib.packed_gemv_f32(weight_ptr, out_features, k, kp, row_block, x.data_ptr(), m, x.stride(0), _ptr(bias), out.data_ptr())
+    return out
+
+
+def q_linear(
+    lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, shape: Any, bias: torch.Tensor | None,
+    int8_activations: bool,
+) -> torch.Tensor:  # fmt: skip
+    """x @ W^T (+ bias) for ``x`` [M, K] float32 (rows may be strided) and W packed in nanoserve's low-bit
+    layout (``shape``: a ``quantization.layout.PackedShape``). Float32 activations widen the codes and FMA;
+    ``int8_activations`` rounds each row of x to int8 first and uses integer dot products."""
+    if x.shape[1] != shape.padded_in:
+        x = torch.nn.functional.pad(x, (0, shape.padded_in - x.shape[1]))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty((m, shape.out_features), dtype=torch.float32)
+    fn = lib.q_linear_i8 if int8_activations else lib.q_linear_f32
+    fn(
+        packed.data_ptr(), shape.out_features, shape.padded_in, shape.group_size, shape.bits, int(shape.asymmetric),
+        x.data_ptr(), m, x.stride(0), _ptr(bias), out.data_ptr(),
+    )  # fmt: skip
+    return out
+
+
+def q_dequantize_rows(lib: ctypes.CDLL, packed: torch.Tensor, shape: Any, row_start: int, rows: int) -> torch.Tensor:
+    """Rows [row_start, row_start + rows) of a packed weight widened to float32 [rows, padded K];
+    ``row_start`` a multiple of the layout's tile (8)."""
+    out = torch.empty((rows, shape.padded_in), dtype=torch.float32)
+    lib.q_dequant_f32(
+        packed.data_ptr(), shape.out_features, shape.padded_in, shape.group_size, shape.bits, int(shape.asymmetric),
+        row_start, rows, out.data_ptr(),
+    )  # fmt: skip
     return out

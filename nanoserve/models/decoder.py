@@ -37,6 +37,8 @@ class BuildContext:
     max_position: int
     # The C kernels of nanoserve.layers.native (CPU, float32), or None: every layer uses torch ops only.
     kernels: Any = None
+    # A quantization.config.QuantizationConfig: which layers hold low-bit weights (None: all float).
+    quantization: Any = None
 
 
 def head_dim_of(hf_config: Any) -> int:
@@ -172,6 +174,11 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
         if self.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+            self.lm_head.tied = True
+        if ctx.quantization is not None:
+            from nanoserve.quantization.linear import quantize_model
+
+            quantize_model(self, ctx.quantization, ctx.kernels, hf_config)
 
     @classmethod
     def flags_for(cls, hf_config: Any) -> DecoderFlags:

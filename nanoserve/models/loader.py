@@ -42,8 +42,24 @@ def default_weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None
     param.data.copy_(tensor)
 
 
+def checkpoint_target(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
+    """(our parameter name, part) of checkpoint tensor ``name``: fused layers' parts map onto the fused
+    module (``...q_proj.weight`` -> (``...qkv_proj.weight``, "q"))."""
+    for ckpt_name, (ours, shard) in packed.items():
+        if f".{ckpt_name}." in name:
+            return name.replace(ckpt_name, ours), shard
+    return name, None
+
+
+def _quantized_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules holding low-bit weights: they take their checkpoint tensors (``weight`` to quantize, or a
+    format's ``qweight`` / ``scales`` / ...) through ``load_checkpoint_tensor`` rather than as parameters."""
+    return {name: m for name, m in model.named_modules() if getattr(m, "quant", None) is not None}
+
+
 def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = False) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
+    quantized = _quantized_modules(model)
     packed = getattr(model, "packed_modules_mapping", {})
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
@@ -56,11 +72,16 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                     continue
                 if tied and name == "lm_head.weight":
                     continue  # some tied checkpoints store a copy; the embedding is authoritative
-                target, shard_id = name, None
-                for ckpt_name, (ours, shard) in packed.items():
-                    if f".{ckpt_name}." in name:
-                        target, shard_id = name.replace(ckpt_name, ours), shard
-                        break
+                target, shard_id = checkpoint_target(name, packed)
+                module_name, _, suffix = target.rpartition(".")
+                module = quantized.get(module_name)
+                if module is not None and suffix in sum(module.quant.suffixes, ()):
+                    try:  # the layer's errors name the checkpoint tensor at fault (not always this one)
+                        module.load_checkpoint_tensor(suffix, f.get_slice(name), shard_id, name.rpartition(".")[0])
+                    except (ValueError, RuntimeError) as exc:
+                        raise ValueError(f"checkpoint {path.name}: {exc}") from exc
+                    loaded.add(f"{target}#{shard_id}" if shard_id is not None else target)
+                    continue
                 param = params.get(target)
                 if param is None:
                     unexpected.append(name)
@@ -74,10 +95,19 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")
     expected = set()
+    for module_name, module in quantized.items():
+        if tied and module_name == "lm_head":
+            continue
+        shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
+        for suffix in module.quant.suffixes[0]:
+            target = f"{module_name}.{suffix}"
+            expected.update([f"{target}#{s}" for s in shards] if shards else [target])
     for name in params:
         if tied and name == "lm_head.weight":
             continue
         module_name = name.rsplit(".", 1)[0]
+        if module_name in quantized and name.endswith(".packed"):
+            continue  # filled from the tensors counted above
         shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
         if shards:
             expected.update(f"{name}#{s}" for s in shards)

@@ -19,6 +19,7 @@ from nanoserve.models.decoder import BuildContext, head_dim_of
 from nanoserve.models.loader import load_weights
 from nanoserve.models.registry import resolve_architecture
 from nanoserve.platform import default_attention_backend, pack_cpu_weights
+from nanoserve.quantization.linear import finish_loading
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +34,13 @@ class ModelRunner:
         ctx = BuildContext(
             dtype=config.dtype, tp=tp, attention_backend=default_attention_backend(config.device),
             max_position=config.max_model_len, kernels=native.kernels_for(config.dtype, self.device),
+            quantization=config.quantization,
         )  # fmt: skip
         with torch.device(self.device):
             self.model = model_cls(hf, ctx)
         load_weights(self.model, config.model, show_progress=show_progress)
+        if config.quantization is not None:
+            finish_loading(self.model)
         self.model.eval()
         # Counted before packing: packing swaps dense weights for opaque copies of the same size.
         self._weight_bytes = shard.parameter_bytes(self.model)

@@ -36,8 +36,9 @@ class ReferenceOutput:
     top2_gaps: list[float]
 
 
-def load_hf_model(model_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32) -> Any:
-    """Load ``model_path`` with transformers in eval mode on CPU, eager attention, weights in ``dtype``.
+def load_hf_model(model_path: str | os.PathLike[str], dtype: torch.dtype = torch.float32, **extra: Any) -> Any:
+    """Load ``model_path`` with transformers in eval mode on CPU, eager attention, weights in ``dtype``
+    (``extra``: more ``from_pretrained`` arguments, e.g. a ``quantization_config``).
 
     Raises ``ValueError`` naming the architecture when transformers cannot load the checkpoint.
     """
@@ -49,7 +50,7 @@ def load_hf_model(model_path: str | os.PathLike[str], dtype: torch.dtype = torch
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a Hugging Face checkpoint (no readable config.json): {e}") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **extra)
     except (ValueError, KeyError, OSError, ImportError, AttributeError, TypeError) as e:
         import transformers
 

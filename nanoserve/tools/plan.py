@@ -336,6 +336,7 @@ def measure_shard(config: Any, rank: int) -> ShardSizes:
     ctx = BuildContext(
         dtype=config.dtype, tp=TPGroup(rank=rank, size=config.tensor_parallel_size),
         attention_backend=default_attention_backend(config.device), max_position=config.max_model_len,
+        quantization=config.quantization,
     )  # fmt: skip
     model = shard.build_shard(resolve_architecture(hf), hf, ctx)
     layers = model.attention_layers()

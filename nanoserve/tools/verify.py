@@ -19,6 +19,12 @@ gap. Such a flip is expected from different but correct rounding (bf16/fp16, a T
 another order); anything else is a real divergence. The default tolerance depends on the engine's dtype
 (:data:`DEFAULT_TIE_TOLERANCE`).
 
+Low-bit weights: for a compressed-tensors checkpoint the reference is transformers loading that same checkpoint
+(it decompresses through the compressed-tensors package); for GPTQ / AWQ, which transformers runs only through
+gptqmodel / autoawq kernels, it is the dequantized float32 model (``quantization.export``), and the report says
+so. For quantize-on-load (``--quantization int8|int4``) and for int8 activations the reference is the float32
+checkpoint and agreement is a *quality figure* (matching tokens, max ``|Δ logprob|``), not a pass/fail.
+
 Exit status (``nanoserve verify``): 0 when every divergence is a near-tie, 1 otherwise, 2 when verification
 could not run (bad options, or transformers cannot load the architecture). ``--json`` prints
 :meth:`VerifyReport.to_dict` (fields documented on :class:`VerifyReport` and :class:`PromptResult`).
@@ -31,6 +37,7 @@ import gc
 import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,9 +160,14 @@ class VerifyReport:
     tie_tolerance: float
     max_tokens: int
     prompts: list[PromptResult] = field(default_factory=list)
+    # "exact": divergences must be near-ties; "quality": approximate arithmetic (quantize-on-load, int8
+    # activations) against the float model, where agreement is reported, not judged.
+    mode: str = "exact"
 
     @property
     def ok(self) -> bool:
+        if self.mode == "quality":
+            return all(p.problem is None for p in self.prompts)
         return all(p.ok for p in self.prompts)
 
     @property
@@ -199,6 +211,7 @@ class VerifyReport:
             )
         return {
             "ok": self.ok,
+            "mode": self.mode,
             "model": self.model,
             "architecture": self.architecture,
             "reference": self.reference,
@@ -214,7 +227,7 @@ class VerifyReport:
         lines = [
             f"nanoserve verify: {self.model} ({self.architecture})",
             f"  reference: transformers {self.reference['transformers']}, {self.reference['dtype']}, eager attention, "
-            f"{self.reference['device']}",
+            f"{self.reference['device']}" + (f"; {self.reference['kind']}" if self.reference.get("kind") else ""),
             f"  nanoserve: tensor_parallel_size={s['tensor_parallel_size']} dtype={s['dtype']} device={s['device']} "
             f"block_size={s['block_size']} prefix_caching={'on' if s['enable_prefix_caching'] else 'off'} "
             f"chunked_prefill={'on' if s['enable_chunked_prefill'] else 'off'}",
@@ -239,7 +252,13 @@ class VerifyReport:
             f"divergences, {t['num_failed']} failed; {t['matching_tokens']}/{t['compared_tokens']} tokens matched "
             f"before any divergence; max |Δ logprob| over shared tokens {t['max_abs_logprob_diff']:.2e}",
         ]
-        if self.ok and t["num_near_tie"] == 0:
+        if self.mode == "quality":
+            lines.append(
+                f"QUALITY ({self.settings.get('quantization')}): {t['matching_tokens']}/{t['compared_tokens']} tokens "
+                f"agree with the float32 model before the first divergence, max |Δ logprob| "
+                f"{t['max_abs_logprob_diff']:.2e} (approximate arithmetic: reported, not judged)"
+            )
+        elif self.ok and t["num_near_tie"] == 0:
             lines.append("PASS: no divergence")
         elif self.ok:
             lines.append(f"PASS: every divergence ({t['num_near_tie']}) is a near-tie")
@@ -306,8 +325,9 @@ def reference_greedy(model: Any, prompt: list[int], max_new_tokens: int) -> Refe
 
 
 def run_reference(
-    model_path: str, prompts: list[list[int]], max_tokens: int, device: str, progress: bool
-) -> list[ReferenceSteps]:
+    model_path: str, prompts: list[list[int]], max_tokens: int, device: str, progress: bool,
+    load_options: dict[str, Any] | None = None,
+) -> list[ReferenceSteps]:  # fmt: skip
     """Load the checkpoint in transformers (fp32), decode every prompt, and free the model before returning."""
     from tqdm.auto import tqdm
     from transformers.utils import logging as hf_logging
@@ -318,7 +338,7 @@ def run_reference(
     if not progress:
         hf_logging.disable_progress_bar()  # from_pretrained draws its own "Loading weights" bar
     try:
-        model = load_hf_model(model_path, torch.float32)
+        model = load_hf_model(model_path, torch.float32, **(load_options or {}))
     except ValueError as exc:
         raise ValueError(
             f"verify needs transformers as the reference, and it cannot load this checkpoint: {exc}"
@@ -479,7 +499,9 @@ def run_verify(
         truncated.append(len(ids) > room)
         token_prompts.append(ids[:room])
 
-    reference = run_reference(path, token_prompts, max_tokens, config.device, progress)
+    with tempfile.TemporaryDirectory(prefix="nanoserve-verify-") as scratch:
+        ref_path, load_options, kind, mode = _reference_for(path, config.quantization, Path(scratch))
+        reference = run_reference(ref_path, token_prompts, max_tokens, config.device, progress, load_options)
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     with LLM(path, **engine_options) as llm:
@@ -487,7 +509,8 @@ def run_verify(
     report = VerifyReport(
         model=path,
         architecture=", ".join(getattr(config.hf_config, "architectures", None) or ["?"]),
-        reference={"transformers": transformers.__version__, "dtype": "float32", "device": config.device},
+        reference={"transformers": transformers.__version__, "dtype": "float32", "device": config.device, "kind": kind},
+        mode=mode,
         settings={
             "tensor_parallel_size": config.tensor_parallel_size,
             "dtype": str(config.dtype).removeprefix("torch."),
@@ -497,6 +520,7 @@ def run_verify(
             "enable_chunked_prefill": config.enable_chunked_prefill,
             "max_num_batched_tokens": config.max_num_batched_tokens,
             "max_model_len": config.max_model_len,
+            "quantization": config.quantization.describe() if config.quantization else None,
         },
         tie_tolerance=tolerance,
         max_tokens=max_tokens,
@@ -509,6 +533,29 @@ def run_verify(
             compare(i, text, ids, ref, ours, our_logprobs, tolerance, truncated[i], decode=tokenizer.decode)
         )
     return report
+
+
+def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str, Any], str | None, str]:
+    """(checkpoint the reference loads, its from_pretrained options, what it is, "exact" or "quality")."""
+    if quant is None:
+        return path, {}, None, "exact"
+    mode = "quality" if quant.on_load or quant.activations == "int8" else "exact"
+    if quant.on_load:
+        return path, {}, "the float32 checkpoint (quantize-on-load: agreement is a quality figure)", mode
+    if quant.method == "compressed-tensors":
+        from transformers import CompressedTensorsConfig
+
+        # Asymmetric zero points are packed along the outputs, which transformers' default compressed path
+        # cannot size; dequantize=True decompresses at load instead (exact for float32 scales).
+        options = {} if not quant.scheme.asymmetric else {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+        return path, options, "the same checkpoint, decompressed by transformers + compressed-tensors", mode
+    from nanoserve.quantization.export import write_dequantized_checkpoint
+
+    widened = write_dequantized_checkpoint(path, scratch / "dequantized", quant)
+    return str(widened), {}, (
+        f"the dequantized float32 model ({quant.method}: transformers runs it only through gptqmodel / autoawq "
+        "kernels, so nanoserve's own unpacking is the reference here)"
+    ), mode
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ def test_cli_passes_on_builtin_prompts_tp1(checkpoint, capsys) -> None:
     assert rc == 0, report["totals"]
     assert set(report) == {
         "ok",
+        "mode",
         "model",
         "architecture",
         "reference",
@@ -121,7 +122,7 @@ def test_cli_passes_on_builtin_prompts_tp1(checkpoint, capsys) -> None:
         "totals",
         "prompts",
     }
-    assert report["ok"] and report["totals"]["num_prompts"] == len(verify.BUILTIN_PROMPTS)
+    assert report["ok"] and report["mode"] == "exact" and report["totals"]["num_prompts"] == len(verify.BUILTIN_PROMPTS)
     assert report["totals"]["failed_prompts"] == []
     # fp32 against fp32: every shared token's log-prob agrees closely, and most prompts match completely.
     assert report["totals"]["max_abs_logprob_diff"] < 1e-3

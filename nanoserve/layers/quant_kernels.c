@@ -1,0 +1,463 @@
+/* Low-bit linear kernels: y = x W^T (+ bias) with W in nanoserve's blocked layout (4- or 8-bit codes, scales
+ * beside them; the layout is defined, written and read back in nanoserve/quantization/layout.py, whose
+ * reference_linear is what these are tested against).
+ *
+ * Two ways to multiply, chosen by the caller (quantization_activations):
+ *   q_linear_f32: float32 activations; codes are widened to float in registers and FMA'd (the exact-parity
+ *                 path: only the summation order differs from x @ dequantize(W)^T).
+ *   q_linear_i8:  activations rounded per token to int8, integer dot products (AVX2 maddubs/madd, or
+ *                 AVX-VNNI dpbusd where the CPU has it) per group, scales applied once per group.
+ * And q_dequant_f32 widens whole rows to float32 for large batches, where a float GEMM on the widened rows
+ * beats re-widening every tile for every row of x.
+ *
+ * Work splits over 8-row tiles (one record per group: 8 scales, [8 scale*zero], 8 rows of codes), so a tile
+ * is read from memory once whatever M is; with several rows of x it is reread from L1. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define QT 8        /* rows per tile */
+#define QCHUNK 32   /* k per chunk */
+#define Q_PAR_MIN 65536  /* below this many weight bytes x rows, one thread is faster than waking the pool */
+
+typedef struct {
+    int64_t N, K, G, ngroups, header, row_bytes, record;
+    int bits, asym;
+} qshape;
+
+static qshape q_shape(int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym) {
+    qshape s;
+    s.N = N; s.K = K; s.G = G; s.ngroups = K / G; s.bits = (int)bits; s.asym = (int)asym;
+    s.header = QT * 4 * (asym ? 2 : 1);
+    s.row_bytes = G * bits / 8;
+    s.record = s.header + QT * s.row_bytes;
+    return s;
+}
+
+static inline const uint8_t *q_record(const uint8_t *w, const qshape *s, int64_t tile, int64_t g) {
+    return w + (tile * s->ngroups + g) * s->record;
+}
+
+/* Store the 8 lanes of a tile's result for one row of x, dropping padding rows past N. */
+static inline void q_store_tile(float *y, const float *v, int64_t n0, int64_t N, const float *bias) {
+    for (int j = 0; j < QT && n0 + j < N; j++) y[n0 + j] = v[j] + (bias ? bias[n0 + j] : 0.f);
+}
+
+/* Byte offset of row r's codes for k (a multiple of 16 within the group) in a record's code area: chunks of 32
+   k, each holding the 8 rows' bytes one row after another (see layout.py). */
+static inline int64_t q_code_offset(int bits, int r, int64_t k) {
+    const int64_t chunk = QCHUNK * bits / 8;
+    return (k / QCHUNK) * QT * chunk + r * chunk + (k % QCHUNK) * bits / 8;
+}
+
+#if defined(__AVX2__)
+static inline __m256 q_hsum8x8_ps(const __m256 *a) {
+    __m256 h01 = _mm256_hadd_ps(a[0], a[1]), h23 = _mm256_hadd_ps(a[2], a[3]);
+    __m256 h45 = _mm256_hadd_ps(a[4], a[5]), h67 = _mm256_hadd_ps(a[6], a[7]);
+    __m256 lo = _mm256_hadd_ps(h01, h23), hi = _mm256_hadd_ps(h45, h67);
+    return _mm256_add_ps(_mm256_permute2f128_ps(lo, hi, 0x20), _mm256_permute2f128_ps(lo, hi, 0x31));
+}
+
+static inline __m256i q_hsum8x8_epi32(const __m256i *a) {
+    __m256i h01 = _mm256_hadd_epi32(a[0], a[1]), h23 = _mm256_hadd_epi32(a[2], a[3]);
+    __m256i h45 = _mm256_hadd_epi32(a[4], a[5]), h67 = _mm256_hadd_epi32(a[6], a[7]);
+    __m256i lo = _mm256_hadd_epi32(h01, h23), hi = _mm256_hadd_epi32(h45, h67);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20), _mm256_permute2x128_si256(lo, hi, 0x31));
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+/* sum over k in the group of codes * x for the 8 rows of one record, as a vector of 8 row sums (AVX-512: 16
+   codes per widening; a 4-bit chunk's 16 bytes widen to k 0-7, 16-23 in the low nibbles and k 8-15, 24-31 in
+   the high ones, so x is gathered in those two orders once per chunk for all 8 rows). */
+static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x) {
+    __m512 acc[QT];
+    for (int r = 0; r < QT; r++) acc[r] = _mm512_setzero_ps();
+    if (s->bits == 4) {
+        const __m512i low = _mm512_set1_epi32(15);
+        for (int64_t c = 0; c < s->G; c += QCHUNK) {
+            const __m512 xa = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c)), _mm256_loadu_ps(x + c + 16), 1);
+            const __m512 xb = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c + 8)), _mm256_loadu_ps(x + c + 24), 1);
+            #pragma GCC unroll 8
+            for (int r = 0; r < QT; r++) {
+                const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + q_code_offset(4, r, c))));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(v, low)), xa, acc[r]);
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)), xb, acc[r]);
+            }
+        }
+    } else {
+        for (int64_t c = 0; c < s->G; c += 16) {
+            const __m512 xv = _mm512_loadu_ps(x + c);
+            #pragma GCC unroll 8
+            for (int r = 0; r < QT; r++) {
+                const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + q_code_offset(8, r, c))));
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(v), xv, acc[r]);
+            }
+        }
+    }
+    __m256 half[QT];
+    for (int r = 0; r < QT; r++)
+        half[r] = _mm256_add_ps(_mm512_castps512_ps256(acc[r]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+    return q_hsum8x8_ps(half);
+}
+#else
+/* sum over k in the group of codes * x for the 8 rows of one record, as a vector of 8 row sums. */
+static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x) {
+    __m256 acc[QT];
+    for (int r = 0; r < QT; r++) acc[r] = _mm256_setzero_ps();
+    if (s->bits == 4) {
+        const __m256i low = _mm256_set1_epi32(15);
+        for (int64_t c = 0; c < s->G; c += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+            #pragma GCC unroll 8
+            for (int r = 0; r < QT; r++) {
+                const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + q_code_offset(4, r, c))));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), x0, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), x1, acc[r]);
+            }
+        }
+    } else {
+        for (int64_t c = 0; c < s->G; c += 16) {
+            const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+            #pragma GCC unroll 8
+            for (int r = 0; r < QT; r++) {
+                const int8_t *p = (const int8_t *)codes + q_code_offset(8, r, c);
+                const __m256i v0 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+                const __m256i v1 = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8)));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v0), x0, acc[r]);
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v1), x1, acc[r]);
+            }
+        }
+    }
+    return q_hsum8x8_ps(acc);
+}
+#endif
+#endif
+
+/* Per row of x, the sum of its entries in each group (the zero points' share: sum_k (c - z) x = dot - z sum x). */
+static void q_group_sums_f32(const float *x, int64_t M, int64_t x_stride, const qshape *s, float *xs) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < s->ngroups; g++) {
+            float t = 0.f;
+            const float *xg = x + m * x_stride + g * s->G;
+            for (int64_t k = 0; k < s->G; k++) t += xg[k];
+            xs[m * s->ngroups + g] = t;
+        }
+}
+
+void q_linear_f32(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
+                  const float *x, int64_t M, int64_t x_stride, const float *bias, float *y) {
+    const qshape s = q_shape(N, K, G, bits, asym);
+    const int64_t tiles = (N + QT - 1) / QT;
+    float *xs = malloc(sizeof(float) * (size_t)(M * s.ngroups));
+    q_group_sums_f32(x, M, x_stride, &s, xs);
+    const float implied_zero = bits == 4 ? 8.f : 0.f;  /* symmetric: 8-bit codes are stored signed */
+    #pragma omp parallel for schedule(static) if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
+    for (int64_t t = 0; t < tiles; t++) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * x_stride;
+            float out[QT];
+#if defined(__AVX2__)
+            __m256 tot = _mm256_setzero_ps();
+            for (int64_t g = 0; g < s.ngroups; g++) {
+                const uint8_t *rec = q_record(w, &s, t, g);
+                const __m256 scale = _mm256_loadu_ps((const float *)rec);
+                const __m256 sum = _mm256_set1_ps(xs[m * s.ngroups + g]);
+                const __m256 mins = s.asym ? _mm256_loadu_ps((const float *)rec + QT)
+                                           : _mm256_mul_ps(scale, _mm256_set1_ps(implied_zero));
+                tot = _mm256_fmadd_ps(q_group_dot_f32(rec + s.header, &s, xm + g * G), scale, tot);
+                tot = _mm256_fnmadd_ps(mins, sum, tot);
+            }
+            _mm256_storeu_ps(out, tot);
+#else
+            for (int r = 0; r < QT; r++) out[r] = 0.f;
+            for (int64_t g = 0; g < s.ngroups; g++) {
+                const uint8_t *rec = q_record(w, &s, t, g);
+                const float *scale = (const float *)rec;
+                for (int r = 0; r < QT; r++) {
+                    const uint8_t *codes = rec + s.header;
+                    float dot = 0.f;
+                    for (int64_t k = 0; k < G; k++) {
+                        const uint8_t *b = codes + q_code_offset((int)bits, r, k - k % 16);
+                        float c = bits == 4 ? (float)((b[k % 8] >> (k % 16 >= 8 ? 4 : 0)) & 15) : (float)(int8_t)b[k % 16];
+                        dot += c * xm[g * G + k];
+                    }
+                    const float mn = s.asym ? ((const float *)rec)[QT + r] : scale[r] * implied_zero;
+                    out[r] += dot * scale[r] - mn * xs[m * s.ngroups + g];
+                }
+            }
+#endif
+            q_store_tile(y + m * N, out, t * QT, N, bias);
+        }
+    }
+    free(xs);
+}
+
+/* Rows [row0, row0 + rows) (row0 a multiple of 8) widened to float32, out [rows][K] row-major. */
+void q_dequant_f32(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
+                   int64_t row0, int64_t rows, float *out) {
+    const qshape s = q_shape(N, K, G, bits, asym);
+    const int64_t t0 = row0 / QT, t1 = (row0 + rows + QT - 1) / QT;
+    const float implied_zero = bits == 4 ? 8.f : 0.f;
+    #pragma omp parallel for schedule(static) if (t1 - t0 >= 4)
+    for (int64_t t = t0; t < t1; t++)
+        for (int64_t g = 0; g < s.ngroups; g++) {
+            const uint8_t *rec = q_record(w, &s, t, g);
+            const float *scale = (const float *)rec;
+            for (int r = 0; r < QT; r++) {
+                const int64_t n = t * QT + r;
+                if (n < row0 || n >= row0 + rows) continue;
+                const float sc = scale[r], mn = s.asym ? scale[QT + r] : scale[r] * implied_zero;
+                const uint8_t *codes = rec + s.header;
+                float *o = out + (n - row0) * K + g * G;
+                for (int64_t c = 0; c < G; c += 16) {
+                    const uint8_t *b = codes + q_code_offset((int)bits, r, c);
+                    if (bits == 4)
+                        for (int i = 0; i < 8; i++) {
+                            o[c + i] = (float)(b[i] & 15) * sc - mn;
+                            o[c + i + 8] = (float)(b[i] >> 4) * sc - mn;
+                        }
+                    else
+                        for (int i = 0; i < 16; i++) o[c + i] = (float)(int8_t)b[i] * sc - mn;
+                }
+            }
+        }
+}
+
+/* ---- int8 activations ---- */
+
+/* Row m of x rounded to int8 with scale max|x| / 127 (round to nearest even, as torch.round), and the sum of
+   the codes of each group. For 4-bit weights the codes of each 32-chunk are stored in the order the weight
+   nibbles unpack to: k 0-7, 16-23, 8-15, 24-31 (a dot product only needs both sides in the same order). */
+static void q_quantize_row(const float *x, const qshape *s, int8_t *xq, float *sx, int32_t *xsum) {
+    float amax = 0.f;
+    for (int64_t k = 0; k < s->K; k++) {
+        const float a = x[k] < 0 ? -x[k] : x[k];
+        amax = a > amax ? a : amax;
+    }
+    const float inv = amax > 0 ? 127.f / amax : 1.f;
+    *sx = amax > 0 ? amax / 127.f : 1.f;
+    for (int64_t g = 0; g < s->ngroups; g++) {
+        int32_t t = 0;
+        for (int64_t k = g * s->G; k < (g + 1) * s->G; k++) {
+            float v = __builtin_rintf(x[k] * inv);
+            v = v > 127.f ? 127.f : (v < -127.f ? -127.f : v);
+            const int8_t q = (int8_t)v;
+            int64_t dst = k;
+            if (s->bits == 4) {
+                const int64_t c = k % QCHUNK, base = k - c;
+                dst = base + (c < 8 ? c : c < 16 ? c + 8 : c < 24 ? c - 8 : c);
+            }
+            xq[dst] = q;
+            t += q;
+        }
+        xsum[g] = t;
+    }
+}
+
+#if defined(__AVX2__)
+static inline __m256i q_dot_u8s8(__m256i acc, __m256i u, __m256i s8) {
+#if defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, u, s8);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s8), _mm256_set1_epi16(1)));
+#endif
+}
+
+/* 32 4-bit codes (16 bytes) as 32 unsigned bytes in the order k 0-7, 16-23, 8-15, 24-31. */
+static inline __m256i q_unpack32(const uint8_t *p) {
+    const __m128i v = _mm_loadu_si128((const __m128i *)p), low = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(v, 4), low), _mm_and_si128(v, low));
+}
+
+/* The 8 row sums of a record from accumulators holding two rows each, [row 2p: 4 lanes | row 2p+1: 4 lanes]:
+   lanes of hadd(hadd(a0, a1), hadd(a2, a3)) are rows 0 2 4 6 | 1 3 5 7, then put in order. */
+static inline __m256i q_reduce_pairs(const __m256i *a) {
+    const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    return _mm256_permutevar8x32_epi32(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+/* AVX-512 VNNI: four rows per 512-bit load (a chunk's 8 rows are 128 contiguous bytes), otherwise as below. */
+static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512i lo0 = _mm512_setzero_si512(), lo1 = lo0, hi0 = lo0, hi1 = lo0;
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m512i xl = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + c)));
+        const __m512i xh = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xq + c + 16)));
+        const uint8_t *chunk = codes + (c / QCHUNK) * QT * 16;
+        const __m512i v0 = _mm512_loadu_si512(chunk), v1 = _mm512_loadu_si512(chunk + 64);
+        lo0 = _mm512_dpbusd_epi32(lo0, _mm512_and_si512(v0, low), xl);
+        hi0 = _mm512_dpbusd_epi32(hi0, _mm512_and_si512(_mm512_srli_epi16(v0, 4), low), xh);
+        lo1 = _mm512_dpbusd_epi32(lo1, _mm512_and_si512(v1, low), xl);
+        hi1 = _mm512_dpbusd_epi32(hi1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low), xh);
+    }
+    const __m512i a0 = _mm512_add_epi32(lo0, hi0), a1 = _mm512_add_epi32(lo1, hi1);  /* rows 0-3, 4-7 */
+    const __m256i a[4] = {_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1),
+                          _mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1)};
+    return q_reduce_pairs(a);
+}
+#else
+/* 4-bit codes of the 8 rows of a record against one row of quantized x, two rows per 256-bit load: in a
+   chunk, rows 2p and 2p+1 are 32 adjacent bytes, whose low nibbles pair with x's first 16 bytes (k 0-7, 16-23)
+   and high nibbles with its last 16 (k 8-15, 24-31), each broadcast to both halves. The accumulators then hold
+   row 2p in their low half and row 2p+1 in their high half. */
+static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+    const __m256i low = _mm256_set1_epi8(15);
+    __m256i lo[4], hi[4];
+    for (int p = 0; p < 4; p++) lo[p] = hi[p] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + c)));
+        const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xq + c + 16)));
+        const uint8_t *chunk = codes + (c / QCHUNK) * QT * 16;
+        #pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(chunk + 32 * p));
+            lo[p] = q_dot_u8s8(lo[p], _mm256_and_si256(v, low), xl);
+            hi[p] = q_dot_u8s8(hi[p], _mm256_and_si256(_mm256_srli_epi16(v, 4), low), xh);
+        }
+    }
+    __m256i a[4];
+    for (int p = 0; p < 4; p++) a[p] = _mm256_add_epi32(lo[p], hi[p]);
+    return q_reduce_pairs(a);
+}
+
+#endif
+
+/* Several rows of x: the record's codes are first made unsigned bytes, chunk-major like the record ([chunk][8
+   rows][32 k]): 4-bit codes unpacked, 8-bit codes with their sign bit flipped (c + 128, compensated through the
+   zero point), so every row of x then costs one u8 x s8 dot product per 32 codes. */
+static inline void q_unsigned_record(const uint8_t *codes, const qshape *s, uint8_t *out) {
+    if (s->bits == 4) {
+        for (int64_t c = 0; c < s->G; c += QCHUNK)
+            for (int r = 0; r < QT; r++)
+                _mm256_storeu_si256((__m256i *)(out + (c / QCHUNK) * QT * 32 + r * 32), q_unpack32(codes + q_code_offset(4, r, c)));
+    } else {
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        for (int64_t i = 0; i < s->G * QT; i += 32)
+            _mm256_storeu_si256((__m256i *)(out + i), _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(codes + i)), flip));
+    }
+}
+
+static inline __m256i q_group_dot_unsigned(const uint8_t *u, const qshape *s, const int8_t *xq) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512i acc[4];
+    for (int p = 0; p < 4; p++) acc[p] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + c)));
+        const uint8_t *chunk = u + (c / QCHUNK) * QT * 32;
+        #pragma GCC unroll 4
+        for (int p = 0; p < 4; p++) acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_loadu_si512(chunk + 64 * p), xv);
+    }
+    __m256i rows[QT];
+    for (int p = 0; p < 4; p++) {
+        rows[2 * p] = _mm512_castsi512_si256(acc[p]);
+        rows[2 * p + 1] = _mm512_extracti64x4_epi64(acc[p], 1);
+    }
+    return q_hsum8x8_epi32(rows);
+#else
+    __m256i acc[QT];
+    for (int r = 0; r < QT; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c));
+        const uint8_t *chunk = u + (c / QCHUNK) * QT * 32;
+        #pragma GCC unroll 8
+        for (int r = 0; r < QT; r++) acc[r] = q_dot_u8s8(acc[r], _mm256_loadu_si256((const __m256i *)(chunk + 32 * r)), xv);
+    }
+    return q_hsum8x8_epi32(acc);
+#endif
+}
+
+/* Integer dot products of one row of quantized x with the 8 rows of a group, codes read from the record. */
+static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+    if (s->bits == 4) return q_group_dot_i4_pairs(codes, s, xq);
+    __m256i acc[QT];
+    for (int r = 0; r < QT; r++) acc[r] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c));
+        #pragma GCC unroll 8
+        for (int r = 0; r < QT; r++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(codes + q_code_offset(8, r, c)));
+            acc[r] = q_dot_u8s8(acc[r], _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
+        }
+    }
+    return q_hsum8x8_epi32(acc);
+}
+#endif
+
+void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
+                 const float *x, int64_t M, int64_t x_stride, const float *bias, float *y) {
+    const qshape s = q_shape(N, K, G, bits, asym);
+    const int64_t tiles = (N + QT - 1) / QT;
+    int8_t *xq = aligned_alloc(64, (size_t)((M * K + 63) / 64 * 64));
+    float *sx = malloc(sizeof(float) * (size_t)M);
+    int32_t *xsum = malloc(sizeof(int32_t) * (size_t)(M * s.ngroups));
+    #pragma omp parallel for schedule(static) if (M >= 8)
+    for (int64_t m = 0; m < M; m++) q_quantize_row(x + m * x_stride, &s, xq + m * K, sx + m, xsum + m * s.ngroups);
+    const float implied_zero = bits == 4 ? 8.f : 0.f;
+    #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
+    {
+        /* For several rows of x, codes are made unsigned once per record instead of once per row. */
+        uint8_t *unpacked = M > 1 ? aligned_alloc(64, (size_t)(QT * G)) : NULL;
+        float *acc = malloc(sizeof(float) * (size_t)(M * QT));
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) {
+            for (int64_t i = 0; i < M * QT; i++) acc[i] = 0.f;
+            for (int64_t g = 0; g < s.ngroups; g++) {
+                const uint8_t *rec = q_record(w, &s, t, g);
+                const float *scale = (const float *)rec;
+                const uint8_t *codes = rec + s.header;
+#if defined(__AVX2__)
+                const __m256 sc = _mm256_loadu_ps(scale);
+                __m256 mins = s.asym ? _mm256_loadu_ps(scale + QT) : _mm256_mul_ps(sc, _mm256_set1_ps(implied_zero));
+                if (unpacked) {
+                    q_unsigned_record(codes, &s, unpacked);
+                    if (bits == 8) mins = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), mins);  /* codes + 128 */
+                }
+                for (int64_t m = 0; m < M; m++) {
+                    const int8_t *xg = xq + m * K + g * G;
+                    const __m256 dot = _mm256_cvtepi32_ps(unpacked ? q_group_dot_unsigned(unpacked, &s, xg)
+                                                                   : q_group_dot_i8(codes, &s, xg));
+                    __m256 a = _mm256_loadu_ps(acc + m * QT);
+                    a = _mm256_fmadd_ps(dot, sc, a);
+                    a = _mm256_fnmadd_ps(mins, _mm256_set1_ps((float)xsum[m * s.ngroups + g]), a);
+                    _mm256_storeu_ps(acc + m * QT, a);
+                }
+#else
+                for (int64_t m = 0; m < M; m++)
+                    for (int r = 0; r < QT; r++) {
+                        const int8_t *xg = xq + m * K + g * G;
+                        int32_t dot = 0;
+                        for (int64_t k = 0; k < G; k++) {
+                            int32_t c;
+                            if (bits == 4) {  /* xq is in unpack order: position k holds code index */
+                                const int64_t ch = k % QCHUNK, base = k - ch;
+                                const int64_t src = base + (ch < 8 ? ch : ch < 16 ? ch + 8 : ch < 24 ? ch - 8 : ch);
+                                const uint8_t *b = codes + q_code_offset(4, r, src - src % 16);
+                                c = (b[src % 8] >> (src % 16 >= 8 ? 4 : 0)) & 15;
+                            } else {
+                                c = (int8_t)codes[q_code_offset(8, r, k - k % 16) + k % 16];
+                            }
+                            dot += c * xg[k];
+                        }
+                        const float mn = s.asym ? scale[QT + r] : scale[r] * implied_zero;
+                        acc[m * QT + r] += (float)dot * scale[r] - mn * (float)xsum[m * s.ngroups + g];
+                    }
+#endif
+            }
+            for (int64_t m = 0; m < M; m++) {
+                float out[QT];
+                for (int r = 0; r < QT; r++) out[r] = acc[m * QT + r] * sx[m];
+                q_store_tile(y + m * N, out, t * QT, N, bias);
+            }
+        }
+        free(acc);
+        free(unpacked);
+    }
+    free(xq);
+    free(sx);
+    free(xsum);
+}

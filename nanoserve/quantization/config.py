@@ -1,0 +1,249 @@
+"""Which weights are low-bit, and how: the user's ``quantization*`` options and a checkpoint's own
+``quantization_config``, resolved once into a :class:`QuantizationConfig` (or None for float weights).
+
+Two sources, never mixed:
+
+* quantize on load (``int8``, ``int4``): the checkpoint holds float weights; every projection of the decoder is
+  rounded to integer codes as it is read. The LM head goes to int8 per output channel as well (on tied models
+  it is a quarter of the bytes a decode step reads), the embedding stays float (a lookup reads one row per token).
+* a checkpoint that carries a ``quantization_config`` (``gptq``, ``awq``, ``compressed-tensors``): its tensors
+  are unpacked into the same layout; modules it left in float (its LM head, an ``ignore`` list) stay float.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any
+
+ON_LOAD_METHODS = ("int8", "int4")
+CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors")
+SUPPORTED_METHODS = ON_LOAD_METHODS + CHECKPOINT_METHODS
+ACTIVATIONS = ("fp32", "int8")
+ON_LOAD_GROUP_SIZES = (32, 64, 128)
+DEFAULT_GROUP_SIZE = 128
+# What llama.cpp and vLLM call these checkpoints; the hub's quant_method strings.
+_ALIASES = {"compressed_tensors": "compressed-tensors", "gptq_v2": "gptq"}
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How one linear weight is stored: bits, group size along K (-1: one group per output row), asymmetric."""
+
+    bits: int
+    group_size: int
+    asymmetric: bool
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    method: str  # one of SUPPORTED_METHODS
+    scheme: WeightScheme  # of the decoder's projections
+    activations: str = "fp32"  # fp32: exact arithmetic on the weights' values; int8: per-token int8 dot products
+    skip: tuple[str, ...] = ()  # module-name patterns kept in float
+    lm_head: WeightScheme | None = None  # None: the LM head stays float
+    # Checkpoint formats only:
+    desc_act: bool = False  # GPTQ act-order: columns are assigned to groups by g_idx
+    gptq_zero_offset: int = 1  # GPTQ v1 checkpoints store zero - 1
+    checkpoint_ignore: tuple[str, ...] = ()  # modules the checkpoint keeps in float
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def on_load(self) -> bool:
+        return self.method in ON_LOAD_METHODS
+
+    def describe(self) -> str:
+        s = self.scheme
+        group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
+        head = "int8 LM head" if self.lm_head else "float LM head"
+        zero = "asymmetric" if s.asymmetric else "symmetric"
+        return f"{self.method}: {s.bits}-bit {zero}, {group}, {head}, {self.activations} activations"
+
+
+def module_skipped(patterns: tuple[str, ...], names: list[str]) -> bool:
+    """Whether any of a module's names (ours, e.g. ``model.layers.0.self_attn.qkv_proj``, and the checkpoint's
+    parts, ``...q_proj``) matches a pattern: a glob (``*.down_proj``), or a plain name matching a whole
+    dotted component or suffix (``lm_head``, ``down_proj``, ``layers.0.mlp``)."""
+    for pattern in patterns:
+        for name in names:
+            if fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern):
+                return True
+            if f".{pattern}." in f".{name}.":
+                return True
+    return False
+
+
+def resolve(
+    hf_config: Any,
+    quantization: str | None,
+    group_size: int | None = None,
+    zero_point: bool = False,
+    activations: str = "fp32",
+    skip: tuple[str, ...] | list[str] | str | None = None,
+) -> QuantizationConfig | None:
+    """The quantization in force, or None for float weights; every inconsistent combination is a ValueError
+    naming the option to change."""
+    if isinstance(skip, str):
+        skip = tuple(p.strip() for p in skip.split(",") if p.strip())
+    skip = tuple(skip or ())
+    if activations not in ACTIVATIONS:
+        raise ValueError(f"quantization_activations: choose one of {', '.join(ACTIVATIONS)}, got {activations!r}")
+    checkpoint = getattr(hf_config, "quantization_config", None)
+    if checkpoint is not None and not isinstance(checkpoint, dict):
+        checkpoint = checkpoint.to_dict() if hasattr(checkpoint, "to_dict") else dict(vars(checkpoint))
+    requested = None if quantization in (None, "", "none", "auto") else _canonical(quantization)
+    if requested is not None and requested not in SUPPORTED_METHODS:
+        raise ValueError(f"quantization: {quantization!r} is not supported; supported: {', '.join(SUPPORTED_METHODS)}")
+    if checkpoint:
+        found = _canonical(str(checkpoint.get("quant_method", "")))
+        if found not in CHECKPOINT_METHODS:
+            raise ValueError(
+                f"the checkpoint's quantization_config has quant_method {found!r}, which nanoserve cannot load; "
+                f"supported checkpoint formats: {', '.join(CHECKPOINT_METHODS)} (or a float checkpoint with "
+                f"quantization={' / '.join(ON_LOAD_METHODS)})"
+            )
+        if requested is not None and requested != found:
+            raise ValueError(
+                f"quantization={quantization!r} contradicts the checkpoint, which is quantized with {found!r}; "
+                f"omit quantization or pass {found!r}"
+            )
+        if group_size is not None or zero_point:
+            raise ValueError(
+                "quantization_group_size / quantization_zero_point apply to quantize-on-load (int8, int4); "
+                f"this checkpoint is already quantized ({found}): its own settings are used"
+            )
+        return _from_checkpoint(found, checkpoint, activations, skip)
+    if requested is None:
+        if group_size is not None or zero_point or activations != "fp32" or skip:
+            raise ValueError(
+                "quantization_group_size / _zero_point / _activations / _skip need quantization='int8' or 'int4' "
+                "(or a quantized checkpoint)"
+            )
+        return None
+    if requested in CHECKPOINT_METHODS:
+        raise ValueError(
+            f"quantization={requested!r} needs a checkpoint quantized with it (config.json quantization_config); "
+            f"this checkpoint has float weights: use quantization='int8' or 'int4' to quantize on load"
+        )
+    lm_head = None if module_skipped(skip, ["lm_head"]) else WeightScheme(8, -1, False)
+    if requested == "int8":
+        if group_size is not None or zero_point:
+            raise ValueError(
+                "int8 is per-output-channel symmetric; quantization_group_size and quantization_zero_point "
+                "apply to int4"
+            )
+        return QuantizationConfig("int8", WeightScheme(8, -1, False), activations, skip, lm_head)
+    group = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    if group not in ON_LOAD_GROUP_SIZES:
+        raise ValueError(
+            f"quantization_group_size: {group_size!r} is not supported for int4; choose one of "
+            f"{', '.join(map(str, ON_LOAD_GROUP_SIZES))}"
+        )
+    return QuantizationConfig("int4", WeightScheme(4, group, bool(zero_point)), activations, skip, lm_head)
+
+
+def _canonical(method: str) -> str:
+    method = method.strip().lower()
+    return _ALIASES.get(method, method)
+
+
+def _check_bits(bits: Any, allowed: tuple[int, ...], where: str) -> int:
+    if bits not in allowed:
+        raise ValueError(f"{where}: {bits}-bit weights are not supported; supported: {', '.join(map(str, allowed))}")
+    return int(bits)
+
+
+def _from_checkpoint(method: str, qc: dict[str, Any], activations: str, skip: tuple[str, ...]) -> QuantizationConfig:
+    if method == "gptq":
+        bits = _check_bits(qc.get("bits"), (4, 8), "gptq quantization_config.bits")
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise ValueError(f"gptq checkpoint_format {fmt!r} is not supported; supported: gptq, gptq_v2")
+        return QuantizationConfig(
+            "gptq", WeightScheme(bits, int(qc.get("group_size", -1)), not bool(qc.get("sym", True))),
+            activations, skip, None, desc_act=bool(qc.get("desc_act", False)),
+            gptq_zero_offset=1 if fmt == "gptq" else 0, raw=qc,
+        )  # fmt: skip
+    if method == "awq":
+        bits = _check_bits(qc.get("bits", qc.get("w_bit")), (4,), "awq quantization_config.bits")
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise ValueError(f"awq version {version!r} is not supported; supported: gemm")
+        group = int(qc.get("group_size", qc.get("q_group_size", 128)))
+        zero = bool(qc.get("zero_point", True))
+        ignore = tuple(qc.get("modules_to_not_convert") or ())
+        return QuantizationConfig(
+            "awq", WeightScheme(bits, group, zero), activations, skip, None, checkpoint_ignore=ignore, raw=qc
+        )
+    return _from_compressed_tensors(qc, activations, skip)
+
+
+def _from_compressed_tensors(qc: dict[str, Any], activations: str, skip: tuple[str, ...]) -> QuantizationConfig:
+    fmt = qc.get("format")
+    if fmt != "pack-quantized":
+        raise ValueError(
+            f"compressed-tensors format {fmt!r} is not supported; supported: pack-quantized (W4A16 / W8A16, "
+            "symmetric or asymmetric, group or channel strategy)"
+        )
+    groups = qc.get("config_groups") or {}
+    if len(groups) != 1:
+        raise ValueError(f"compressed-tensors: {len(groups)} config_groups; nanoserve supports exactly one scheme")
+    (name, group), = groups.items()
+    weights = group.get("weights") or {}
+    if group.get("input_activations") or group.get("output_activations"):
+        raise ValueError(
+            f"compressed-tensors config_groups.{name}: activation quantization is not supported "
+            "(weight-only W4A16 / W8A16 schemes are)"
+        )
+    if weights.get("type", "int") != "int":
+        raise ValueError(f"compressed-tensors config_groups.{name}.weights.type {weights.get('type')!r}: only int")
+    bits = _check_bits(weights.get("num_bits"), (4, 8), f"compressed-tensors config_groups.{name}.weights.num_bits")
+    strategy = weights.get("strategy")
+    if strategy == "group":
+        group_size = int(weights.get("group_size") or 0)
+        if group_size <= 0:
+            raise ValueError(f"compressed-tensors config_groups.{name}: strategy 'group' needs a group_size")
+    elif strategy == "channel":
+        group_size = -1
+    else:
+        raise ValueError(
+            f"compressed-tensors config_groups.{name}.weights.strategy {strategy!r} is not supported; "
+            "supported: group, channel"
+        )
+    targets = group.get("targets") or []
+    if targets not in (["Linear"], ("Linear",)):
+        raise ValueError(f"compressed-tensors config_groups.{name}.targets {targets!r}: only ['Linear'] is supported")
+    return QuantizationConfig(
+        "compressed-tensors", WeightScheme(bits, group_size, not bool(weights.get("symmetric", True))),
+        activations, skip, None, checkpoint_ignore=tuple(qc.get("ignore") or ()), raw=qc,
+    )  # fmt: skip
+
+
+def check_tensor_parallel(hf_config: Any, tp_size: int, config: QuantizationConfig, usable: list[int]) -> None:
+    """Refuse, before any rank starts, a split that cuts a group: the row-parallel layers (o_proj, down_proj)
+    split their input over ranks, so each rank's share must be whole groups. ``usable``: the sizes the model's
+    heads allow; the error lists those that also keep groups whole."""
+    if tp_size == 1:
+        return
+    if config.desc_act:
+        raise ValueError(
+            "act-order (desc_act) GPTQ checkpoints assign input columns to groups across the whole input, so "
+            "row-parallel layers (o_proj, down_proj) cannot be split over ranks; use tensor_parallel_size 1"
+        )
+    group = config.scheme.group_size
+    if group == -1:
+        return
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    inputs = {
+        "self_attn.o_proj": hf_config.num_attention_heads * head_dim,
+        "mlp.down_proj": hf_config.intermediate_size,
+    }
+    for layer, size in inputs.items():
+        if size % tp_size or (size // tp_size) % group:
+            ok = [t for t in usable if size % t == 0 and (size // t) % group == 0 and all(
+                s % t == 0 and (s // t) % group == 0 for s in inputs.values()
+            )]  # fmt: skip
+            raise ValueError(
+                f"model.layers.*.{layer}: group size {group} does not fit this rank's share of its input "
+                f"({size} over tensor_parallel_size {tp_size}); the sizes that work are {', '.join(map(str, ok))}"
+            )
