@@ -42,6 +42,14 @@ static inline const uint8_t *q_record(const uint8_t *w, const qshape *s, int64_t
     return w + (tile * s->ngroups + g) * s->record;
 }
 
+/* Ask for the bytes Q_PREFETCH ahead of the record about to be read: a thread streams its tiles in order, and
+   at batch 1 the hardware prefetcher alone leaves a decode step at ~half the machine's read bandwidth
+   (each call streams only a few MB per thread, too short for it to ramp up). */
+#define Q_PREFETCH 2048
+static inline void q_prefetch_record(const uint8_t *rec, const qshape *s) {
+    for (int64_t off = 0; off < s->record; off += 64) __builtin_prefetch(rec + Q_PREFETCH + off, 0, 3);
+}
+
 /* Store the 8 lanes of a tile's result for one row of x, dropping padding rows past N. */
 static inline void q_store_tile(float *y, const float *v, int64_t n0, int64_t N, const float *bias) {
     for (int j = 0; j < QT && n0 + j < N; j++) y[n0 + j] = v[j] + (bias ? bias[n0 + j] : 0.f);
@@ -164,6 +172,7 @@ void q_linear_f32(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bit
             __m256 tot = _mm256_setzero_ps();
             for (int64_t g = 0; g < s.ngroups; g++) {
                 const uint8_t *rec = q_record(w, &s, t, g);
+                if (m == 0) q_prefetch_record(rec, &s);
                 const __m256 scale = _mm256_loadu_ps((const float *)rec);
                 const __m256 sum = _mm256_set1_ps(xs[m * s.ngroups + g]);
                 const __m256 mins = s.asym ? _mm256_loadu_ps((const float *)rec + QT)
@@ -408,6 +417,7 @@ void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits
             for (int64_t i = 0; i < M * QT; i++) acc[i] = 0.f;
             for (int64_t g = 0; g < s.ngroups; g++) {
                 const uint8_t *rec = q_record(w, &s, t, g);
+                q_prefetch_record(rec, &s);
                 const float *scale = (const float *)rec;
                 const uint8_t *codes = rec + s.header;
 #if defined(__AVX2__)
