@@ -35,7 +35,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "checkpoint with a quantization_config is detected and loaded as it is (gptq, awq, "
                         "compressed-tensors; naming it is optional, contradicting it an error)")
     q.add_argument("--quantization-group-size", type=int, default=None,
-                   help="int4 group size along the input: 32, 64 or 128 (default 128)")
+                   help="int4 group size along the input: 32, 64 or 128 (default 128, or the largest of 64, 32 that fits the model)")
     q.add_argument("--quantization-zero-point", action="store_true", help="int4 with zero points (asymmetric)")
     q.add_argument("--quantization-activations", default="fp32", choices=("fp32", "int8"),
                    help="fp32: exact arithmetic on the weights' values (default); int8: round activations "

@@ -22,8 +22,17 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // tp.size)  # pad so every rank holds the same count
         self.vocab_start = tp.rank * self.shard_size
-        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
+        # torch.empty, not zeros: a table nobody fills (an LM head that is quantized as it loads, an embedding
+        # re-made in its stored half type) then never touches its pages. Only the padding rows past the
+        # vocabulary must read as zeros.
+        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
+        self._zero_padding()
         self.weight.weight_loader = self.weight_loader
+
+    def _zero_padding(self) -> None:
+        real = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
+        if real < self.shard_size:
+            self.weight.data[real:].zero_()
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         from nanoserve.layers.linear import check_shape
@@ -39,6 +48,7 @@ class VocabParallelEmbedding(nn.Module):
         compute dtype as they are looked up. Call before loading."""
         self.compute_dtype = self.weight.dtype
         self.weight.data = torch.empty(tuple(self.weight.shape), dtype=dtype)
+        self._zero_padding()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         compute = getattr(self, "compute_dtype", self.weight.dtype)

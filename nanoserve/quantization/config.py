@@ -107,17 +107,23 @@ def resolve(
                 f"quantization={quantization!r} contradicts the checkpoint, which is quantized with {found!r}; "
                 f"omit quantization or pass {found!r}"
             )
-        if group_size is not None or zero_point:
+        given = [name for name, value in (("quantization_group_size", group_size), ("quantization_zero_point", zero_point),
+                                          ("quantization_skip", skip)) if value]  # fmt: skip
+        if given:
             raise ValueError(
-                "quantization_group_size / quantization_zero_point apply to quantize-on-load (int8, int4); "
-                f"this checkpoint is already quantized ({found}): its own settings are used"
+                f"{' / '.join(given)} apply to quantize-on-load (int8, int4); this checkpoint is already quantized "
+                f"({found}): its own settings are used (modules it keeps in float are in its ignore list)"
             )
         return _from_checkpoint(found, checkpoint, activations, skip)
     if requested is None:
-        if group_size is not None or zero_point or activations != "fp32" or skip:
+        given = [name for name, value in (
+            ("quantization_group_size", group_size is not None), ("quantization_zero_point", zero_point),
+            ("quantization_activations", activations != "fp32"), ("quantization_skip", skip),
+        ) if value]  # fmt: skip
+        if given:
             raise ValueError(
-                "quantization_group_size / _zero_point / _activations / _skip need quantization='int8' or 'int4' "
-                "(or a quantized checkpoint)"
+                f"{' / '.join(given)} needs quantization='int8' or 'int4' (or a quantized checkpoint); "
+                "this checkpoint has float weights and no quantization was asked for"
             )
         return None
     if requested in CHECKPOINT_METHODS:
@@ -133,13 +139,24 @@ def resolve(
                 "apply to int4"
             )
         return QuantizationConfig("int8", WeightScheme(8, -1, False), activations, skip, lm_head)
-    group = DEFAULT_GROUP_SIZE if group_size is None else group_size
+    group = default_group_size(hf_config) if group_size is None else group_size
     if group not in ON_LOAD_GROUP_SIZES:
         raise ValueError(
             f"quantization_group_size: {group_size!r} is not supported for int4; choose one of "
             f"{', '.join(map(str, ON_LOAD_GROUP_SIZES))}"
         )
     return QuantizationConfig("int4", WeightScheme(4, group, bool(zero_point)), activations, skip, lm_head)
+
+
+def default_group_size(hf_config: Any) -> int:
+    """128, or when that does not divide every projection's input (SmolLM2's hidden size is 576), the largest
+    of 64 and 32 that does; an explicit quantization_group_size that does not fit is an error instead."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    inputs = (hf_config.hidden_size, hf_config.intermediate_size, hf_config.num_attention_heads * head_dim)
+    for group in sorted(ON_LOAD_GROUP_SIZES, reverse=True):
+        if group <= DEFAULT_GROUP_SIZE and all(k % group == 0 for k in inputs):
+            return group
+    return DEFAULT_GROUP_SIZE  # nothing fits: the layers' own check names the layer
 
 
 def _canonical(method: str) -> str:

@@ -8,7 +8,7 @@ from nanoserve.quantization.config import WeightScheme
 
 # Rows quantized per piece: a bf16 checkpoint tensor is widened to float32 a piece at a time, so loading never
 # holds a float32 copy of a whole large tensor (a 152k x 4096 LM head would be 2.5 GB).
-ROWS_PER_PIECE = 4096
+ROWS_PER_PIECE = 1024
 
 
 def quantize(weight: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
