@@ -22,6 +22,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // tp.size)  # pad so every rank holds the same count
         self.vocab_start = tp.rank * self.shard_size
+        # Rows of the shard that hold real tokens (the last rank's tail is padding; a rank may hold none).
+        self.num_real_rows = max(0, min(self.shard_size, vocab_size - self.vocab_start))
+        self.compute_dtype = dtype  # what lookups return, whatever the table is stored in
         # torch.empty, not zeros: a table nobody fills (an LM head that is quantized as it loads, an embedding
         # re-made in its stored half type) then never touches its pages. Only the padding rows past the
         # vocabulary must read as zeros.
@@ -30,33 +33,29 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def _zero_padding(self) -> None:
-        real = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
-        if real < self.shard_size:
-            self.weight.data[real:].zero_()
+        if self.num_real_rows < self.shard_size:
+            self.weight.data[self.num_real_rows :].zero_()
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         from nanoserve.layers.linear import check_shape
 
         check_shape(loaded, (self.vocab_size, param.shape[1]))
-        end = min(self.vocab_start + self.shard_size, self.vocab_size)
-        if end > self.vocab_start:
-            param.data[: end - self.vocab_start].copy_(loaded[self.vocab_start : end])
+        if self.num_real_rows:
+            param.data[: self.num_real_rows].copy_(loaded[self.vocab_start : self.vocab_start + self.num_real_rows])
 
     def store_as(self, dtype: torch.dtype) -> None:
         """Hold the table in ``dtype`` (the checkpoint's half type, beside low-bit projections: a lookup reads
         one row per token, so it costs no speed, and the table keeps its stored size); rows are widened to the
         compute dtype as they are looked up. Call before loading."""
-        self.compute_dtype = self.weight.dtype
         self.weight.data = torch.empty(tuple(self.weight.shape), dtype=dtype)
         self._zero_padding()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        compute = getattr(self, "compute_dtype", self.weight.dtype)
         if self.tp.size == 1:
-            return F.embedding(input_ids, self.weight).to(compute)
+            return F.embedding(input_ids, self.weight).to(self.compute_dtype)
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.shard_size)
-        y = F.embedding(local.masked_fill(outside, 0), self.weight).to(compute)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight).to(self.compute_dtype)
         y.masked_fill_(outside.unsqueeze(-1), 0)
         return self.tp.all_reduce(y)
 
@@ -71,8 +70,7 @@ class ParallelLMHead(VocabParallelEmbedding):
         self.tied = False
 
     def shard_region(self, shard_id: Any = None) -> ShardRegion:
-        rows = max(0, min(self.vocab_start + self.shard_size, self.vocab_size) - self.vocab_start)
-        return ShardRegion(0, self.vocab_start, rows, 0, (self.vocab_size, self.weight.shape[1]))
+        return ShardRegion(0, self.vocab_start, self.num_real_rows, 0, (self.vocab_size, self.weight.shape[1]))
 
     def use_quantized(self, quant: Any) -> None:
         """Compute the logits from low-bit codes. Untied, the float weight is never filled: the checkpoint's

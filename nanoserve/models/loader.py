@@ -94,25 +94,23 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                 loaded.add(target if shard_id is None else f"{target}#{shard_id}")
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")
+    def parts_of(name: str) -> list[str]:
+        """The keys ``loaded`` holds for parameter (or tensor) ``name``: one per part of a fused module."""
+        module_name = name.rsplit(".", 1)[0]
+        shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
+        return [f"{name}#{s}" for s in shards] if shards else [name]
+
     expected = set()
     for module_name, module in quantized.items():
-        if tied and module_name == "lm_head":
-            continue
-        shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
-        for suffix in module.quant.suffixes[0]:
-            target = f"{module_name}.{suffix}"
-            expected.update([f"{target}#{s}" for s in shards] if shards else [target])
+        if not (tied and module_name == "lm_head"):
+            for suffix in module.quant.suffixes[0]:
+                expected.update(parts_of(f"{module_name}.{suffix}"))
     for name in params:
         if tied and name == "lm_head.weight":
             continue
-        module_name = name.rsplit(".", 1)[0]
-        if module_name in quantized and name.endswith(".packed"):
+        if name.rsplit(".", 1)[0] in quantized and name.endswith(".packed"):
             continue  # filled from the tensors counted above
-        shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
-        if shards:
-            expected.update(f"{name}#{s}" for s in shards)
-        else:
-            expected.add(name)
+        expected.update(parts_of(name))
     missing = sorted(expected - loaded)
     if missing:
         raise ValueError(f"checkpoint is missing tensors: {', '.join(m.replace('#', ' shard ') for m in missing[:10])}")
