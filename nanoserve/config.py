@@ -122,7 +122,7 @@ class EngineConfig:
         quantization: str | None = None,
         quantization_group_size: int | None = None,
         quantization_zero_point: bool = False,
-        quantization_activations: str = "fp32",
+        quantization_activations: str | None = None,  # None: the checkpoint's (int8 for W8A8), else fp32
         quantization_skip: str | list[str] | tuple[str, ...] | None = None,
     ) -> EngineConfig:
         from nanoserve.platform import resolve_device

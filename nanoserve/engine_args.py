@@ -37,9 +37,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     q.add_argument("--quantization-group-size", type=int, default=None,
                    help="int4 group size along the input: 32, 64 or 128 (default 128, or the largest of 64, 32 that fits the model)")
     q.add_argument("--quantization-zero-point", action="store_true", help="int4 with zero points (asymmetric)")
-    q.add_argument("--quantization-activations", default="fp32", choices=("fp32", "int8"),
-                   help="fp32: exact arithmetic on the weights' values (default); int8: round activations "
-                        "per token to int8 and use integer dot products (faster, approximate)")
+    q.add_argument("--quantization-activations", default=None, choices=("fp32", "int8"),
+                   help="fp32: exact arithmetic on the weights' values; int8: round activations per token to "
+                        "int8 and use integer dot products (faster, approximate). Default: what the checkpoint "
+                        "prescribes (int8 for a compressed-tensors W8A8 checkpoint), else fp32")
     q.add_argument("--quantization-skip", default=None, metavar="PATTERNS",
                    help="comma-separated module names or globs left in float, e.g. 'lm_head,*.down_proj' (the "
                         "LM head is int8 by default)")  # fmt: skip

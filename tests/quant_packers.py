@@ -1,8 +1,9 @@
 """An independent packer for the hub's low-bit weight formats, so unpackers can be tested against it.
 
 Written from the formats' own sources (AutoGPTQ ``QuantLinear.pack`` and ``GPTQ.fasterquant``, GPTQModel's
-v1/v2 zero conversion, AutoAWQ ``WQLinear_GEMM.from_linear``, compressed-tensors ``pack_to_int32`` and
-``PackedQuantizationCompressor``, transformers' ``GPTQConfig`` / ``AwqConfig``), never from nanoserve's
+v1/v2 zero conversion, AutoAWQ ``WQLinear_GEMM.from_linear``, compressed-tensors ``pack_to_int32``,
+``PackedQuantizationCompressor`` and ``IntQuantizationCompressor``, transformers' ``GPTQConfig`` /
+``AwqConfig``), never from nanoserve's
 unpacker: a shared misreading of a layout would otherwise pass both.
 
 Every format here stores the same quantity. For a linear weight ``w: [N, K]`` (out, in) with ``G``
@@ -24,6 +25,9 @@ The formats differ in how they lay that out:
     pack-quantized       weight_scale        float*   [N, K/G]                 ([N, 1] for strategy "channel")
                          weight_zero_point   int32    [ceil(N*b/32), K/G]      zeros, packed along N (asym only)
                          weight_shape        int64    [2]                      [N, K]
+    compressed-tensors   weight              int8     [N, K]                   codes - 128 (signed, unpacked)
+    int-quantized        weight_scale        float*   [N, K/G]                 ([N, 1] for strategy "channel")
+    (W8A8, symmetric)    no weight_zero_point: compressed-tensors >= 0.12 drops a symmetric scheme's zeros
 
 All packing is LSB first: value ``i`` of a run sits at bits ``i*b .. i*b+b-1`` of the run's bit stream,
 which fills int32 words from bit 0 (so for b in 2/4/8 word ``j`` holds values ``j*32/b ..``; for b = 3 a
@@ -54,7 +58,8 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 GPTQ_BITS = (2, 3, 4, 8)
 QUANTIZED_MODULE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
 """The Linear modules ``write_quantized_checkpoint`` quantizes (minus any matching ``skip``)."""
-FORMATS = ("gptq", "awq", "compressed-tensors")
+FORMATS = ("gptq", "awq", "compressed-tensors", "int-quantized")
+"""``int-quantized`` is compressed-tensors' W8A8 format (its ``quant_method`` is "compressed-tensors" too)."""
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 """What ``version`` the compressed-tensors config claims: the library this module was checked against."""
 
@@ -435,6 +440,84 @@ def compressed_tensors_quantization_config(
 
 
 # --------------------------------------------------------------------------------------------------
+# compressed-tensors int-quantized (W8A8)
+# --------------------------------------------------------------------------------------------------
+
+
+def pack_int_quantized(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+    scale_dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """compressed-tensors ``int-quantized`` tensors for one symmetric 8-bit Linear (``IntQuantizationCompressor``,
+    i.e. ``NaiveQuantizationCompressor``: the weight is quantized to ``torch.int8`` and stored unpacked).
+
+    The library's symmetric int8 weight is ``q = clamp(round(w / scale), -128, 127)`` with its minmax
+    observer's ``scale = max|w| / 127.5`` per row (channel) or per group (``calculate_qparams``: half the range
+    ``127 - (-128)``), which is ``quantize_rtn(w, 8, group_size, True)`` with ``q = codes - 128``.
+
+    Returns::
+
+        weight        int8         [N, K]    codes - 128
+        weight_scale  scale_dtype  [N, K/G]  [N, 1] for strategy "channel"
+
+    No ``weight_zero_point``: the library removes a symmetric scheme's (all-zero) zero point before saving.
+    """
+    n, k = codes.shape
+    resolve_group_size(k, group_size)
+    if (zeros != 128).any() or codes.min() < 0 or codes.max() > 255:
+        raise ValueError("int-quantized is symmetric 8-bit here: zeros == 128, codes in 0..255")
+    return {
+        "weight": (codes - 128).to(torch.int8).contiguous(),
+        "weight_scale": scales.to(scale_dtype).contiguous(),
+    }
+
+
+INT8_DYNAMIC_TOKEN = {
+    "dynamic": True, "group_size": None, "num_bits": 8, "strategy": "token", "symmetric": True, "type": "int",
+}  # fmt: skip
+"""``input_activations`` of compressed-tensors' ``W8A8`` preset (``INT8_W8A8``) as the library serializes it."""
+
+
+def int_quantized_quantization_config(
+    group_size: int, ignore: list[str], input_activations: dict[str, Any] | None = INT8_DYNAMIC_TOKEN
+) -> dict[str, Any]:
+    """``quantization_config`` of a W8A8 ``int-quantized`` checkpoint, key for key as compressed-tensors 0.20.1
+    writes it (``ModelCompressor.update_config`` after compressing a model under the ``W8A8`` preset with
+    ``ignore=["lm_head"]``, captured once and copied here): weights int8 symmetric, ``strategy`` "channel" (the
+    preset's) or "group"; ``input_activations`` dynamic per-token int8; ``format`` model-wide and per group."""
+    channel = group_size == -1
+    weights = {
+        "dynamic": False,
+        "group_size": None if channel else group_size,
+        "num_bits": 8,
+        "strategy": "channel" if channel else "group",
+        "symmetric": True,
+        "type": "int",
+    }
+    return {
+        "config_groups": {
+            "group_0": {
+                "format": "int-quantized",
+                "input_activations": None if input_activations is None else dict(input_activations),
+                "output_activations": None,
+                "targets": ["Linear"],
+                "weights": weights,
+            }
+        },
+        "format": "int-quantized",
+        "global_compression_ratio": None,
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+        "moe_sparsity_config": None,
+        "quant_method": "compressed-tensors",
+        "quantization_status": "compressed",
+        "sparsity_config": {},
+        "transform_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------
 
@@ -489,8 +572,9 @@ def write_quantized_checkpoint(
 ) -> tuple[pathlib.Path, pathlib.Path]:
     """RTN-quantize a ``build_checkpoint`` model into ``fmt`` at ``dst_dir``; return ``(dst_dir, dequantized_dir)``.
 
-    ``fmt`` is ``"gptq"`` (v1; ``bits`` in 2/3/4/8, ``desc_act`` allowed), ``"awq"`` (GEMM, ``bits`` 4) or
-    ``"compressed-tensors"`` (pack-quantized, ``bits`` 1..8, scales in ``ct_scale_dtype``).
+    ``fmt`` is ``"gptq"`` (v1; ``bits`` in 2/3/4/8, ``desc_act`` allowed), ``"awq"`` (GEMM, ``bits`` 4),
+    ``"compressed-tensors"`` (pack-quantized, ``bits`` 1..8, scales in ``ct_scale_dtype``) or
+    ``"int-quantized"`` (compressed-tensors W8A8: ``bits`` 8, symmetric, scales in ``ct_scale_dtype``).
 
     Quantized: the Linear weights of ``model.layers.*`` (``q/k/v/o_proj``, ``gate/up/down_proj``) whose
     module name contains none of the ``skip`` strings. Each ``<module>.weight`` is replaced by the
@@ -510,12 +594,14 @@ def write_quantized_checkpoint(
         raise ValueError("AWQ GEMM is 4-bit only")
     if desc_act and fmt != "gptq":
         raise ValueError("desc_act (act-order g_idx) is a GPTQ feature here")
+    if fmt == "int-quantized" and (bits != 8 or not symmetric):
+        raise ValueError("int-quantized (W8A8) is symmetric 8-bit here")
     src, dst = pathlib.Path(src_dir), pathlib.Path(dst_dir)
     deq_dir = dst / "dequantized"
     config = json.loads((src / "config.json").read_text())
     indexed = (src / "model.safetensors.index.json").is_file()
     gen = torch.Generator().manual_seed(seed)
-    scale_dtype = ct_scale_dtype if fmt == "compressed-tensors" else torch.float16
+    scale_dtype = ct_scale_dtype if fmt in ("compressed-tensors", "int-quantized") else torch.float16
 
     quant_shards: list[tuple[str, dict[str, torch.Tensor]]] = []
     deq_shards: list[tuple[str, dict[str, torch.Tensor]]] = []
@@ -554,6 +640,8 @@ def write_quantized_checkpoint(
                 g_idx = packed["g_idx"]
             elif fmt == "awq":
                 packed, g_idx = pack_awq(codes, scales, zeros, group_size), None
+            elif fmt == "int-quantized":
+                packed, g_idx = pack_int_quantized(codes, scales, zeros, group_size, scale_dtype), None
             else:
                 packed = pack_compressed_tensors(codes, scales, zeros, bits, group_size, symmetric, scale_dtype)
                 g_idx = None
@@ -567,6 +655,8 @@ def write_quantized_checkpoint(
         qconfig = gptq_quantization_config(bits, group_size, symmetric, desc_act, skipped)
     elif fmt == "awq":
         qconfig = awq_quantization_config(group_size, sorted({s for s in skip if s != "lm_head"}) or None)
+    elif fmt == "int-quantized":
+        qconfig = int_quantized_quantization_config(group_size, ["lm_head", *skipped])
     else:
         # targets "Linear" covers lm_head too, which stays dense here whatever `skip` says
         qconfig = compressed_tensors_quantization_config(bits, group_size, symmetric, ["lm_head", *skipped])

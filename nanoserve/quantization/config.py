@@ -8,11 +8,15 @@ Two sources, never mixed:
   it is a quarter of the bytes a decode step reads), the embedding stays float (a lookup reads one row per token).
 * a checkpoint that carries a ``quantization_config`` (``gptq``, ``awq``, ``compressed-tensors``): its tensors
   are unpacked into the same layout; modules it left in float (its LM head, an ``ignore`` list) stay float.
+  A compressed-tensors ``int-quantized`` (W8A8) checkpoint also prescribes dynamic per-token int8 activations,
+  which nanoserve's int8-activation kernels compute; ``quantization_activations="fp32"`` overrides that.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,10 +24,20 @@ ON_LOAD_METHODS = ("int8", "int4")
 CHECKPOINT_METHODS = ("gptq", "awq", "compressed-tensors")
 SUPPORTED_METHODS = ON_LOAD_METHODS + CHECKPOINT_METHODS
 ACTIVATIONS = ("fp32", "int8")
+# compressed-tensors formats nanoserve reads, and what each holds.
+CT_FORMATS = {
+    "pack-quantized": "W4A16 / W8A16: codes packed in int32, symmetric or asymmetric, group or channel strategy",
+    "int-quantized": "W8A8: int8 weights, symmetric, channel or group strategy, with dynamic per-token int8 "
+    "activations (or none)",
+}
+# The one activation scheme the int8-activation kernels compute: scale = max|x| / 127 per token, no zero point.
+CT_INPUT_ACTIVATIONS = {"type": "int", "num_bits": 8, "symmetric": True, "dynamic": True, "strategy": "token"}
 ON_LOAD_GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP_SIZE = 128
 # What llama.cpp and vLLM call these checkpoints; the hub's quant_method strings.
 _ALIASES = {"compressed_tensors": "compressed-tensors", "gptq_v2": "gptq"}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,18 +60,30 @@ class QuantizationConfig:
     desc_act: bool = False  # GPTQ act-order: columns are assigned to groups by g_idx
     gptq_zero_offset: int = 1  # GPTQ v1 checkpoints store zero - 1
     checkpoint_ignore: tuple[str, ...] = ()  # modules the checkpoint keeps in float
+    ct_format: str = "pack-quantized"  # compressed-tensors only: one of CT_FORMATS
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def on_load(self) -> bool:
         return self.method in ON_LOAD_METHODS
 
+    @property
+    def tensor_format(self) -> str:
+        """How a quantized layer's checkpoint tensors are read: "float" (a ``weight`` to quantize on load), or
+        a key of ``formats.SUFFIXES`` ("gptq", "awq", "compressed-tensors" = pack-quantized, "int-quantized")."""
+        if self.on_load:
+            return "float"
+        if self.method == "compressed-tensors" and self.ct_format == "int-quantized":
+            return "int-quantized"
+        return self.method
+
     def describe(self) -> str:
         s = self.scheme
         group = "per channel" if s.group_size == -1 else f"group {s.group_size}"
         head = "int8 LM head" if self.lm_head else "float LM head"
         zero = "asymmetric" if s.asymmetric else "symmetric"
-        return f"{self.method}: {s.bits}-bit {zero}, {group}, {head}, {self.activations} activations"
+        method = f"{self.method} {self.ct_format}" if self.method == "compressed-tensors" else self.method
+        return f"{method}: {s.bits}-bit {zero}, {group}, {head}, {self.activations} activations"
 
 
 def module_skipped(patterns: tuple[str, ...], names: list[str]) -> bool:
@@ -78,15 +104,16 @@ def resolve(
     quantization: str | None,
     group_size: int | None = None,
     zero_point: bool = False,
-    activations: str = "fp32",
+    activations: str | None = None,
     skip: tuple[str, ...] | list[str] | str | None = None,
 ) -> QuantizationConfig | None:
     """The quantization in force, or None for float weights; every inconsistent combination is a ValueError
-    naming the option to change."""
+    naming the option to change. ``activations`` None: what the checkpoint prescribes (int8 for a W8A8
+    compressed-tensors checkpoint), else fp32."""
     if isinstance(skip, str):
         skip = tuple(p.strip() for p in skip.split(",") if p.strip())
     skip = tuple(skip or ())
-    if activations not in ACTIVATIONS:
+    if activations is not None and activations not in ACTIVATIONS:
         raise ValueError(f"quantization_activations: choose one of {', '.join(ACTIVATIONS)}, got {activations!r}")
     checkpoint = getattr(hf_config, "quantization_config", None)
     if checkpoint is not None and not isinstance(checkpoint, dict):
@@ -118,7 +145,7 @@ def resolve(
     if requested is None:
         given = [name for name, value in (
             ("quantization_group_size", group_size is not None), ("quantization_zero_point", zero_point),
-            ("quantization_activations", activations != "fp32"), ("quantization_skip", skip),
+            ("quantization_activations", activations not in (None, "fp32")), ("quantization_skip", skip),
         ) if value]  # fmt: skip
         if given:
             raise ValueError(
@@ -132,6 +159,7 @@ def resolve(
             f"this checkpoint has float weights: use quantization='int8' or 'int4' to quantize on load"
         )
     lm_head = None if module_skipped(skip, ["lm_head"]) else WeightScheme(8, -1, False)
+    activations = activations or "fp32"
     if requested == "int8":
         if group_size is not None or zero_point:
             raise ValueError(
@@ -170,7 +198,12 @@ def _check_bits(bits: Any, allowed: tuple[int, ...], where: str) -> int:
     return int(bits)
 
 
-def _from_checkpoint(method: str, qc: dict[str, Any], activations: str, skip: tuple[str, ...]) -> QuantizationConfig:
+def _from_checkpoint(
+    method: str, qc: dict[str, Any], activations: str | None, skip: tuple[str, ...]
+) -> QuantizationConfig:
+    if method == "compressed-tensors":
+        return _from_compressed_tensors(qc, activations, skip)
+    activations = activations or "fp32"  # GPTQ and AWQ are weight-only formats
     if method == "gptq":
         bits = _check_bits(qc.get("bits"), (4, 8), "gptq quantization_config.bits")
         fmt = str(qc.get("checkpoint_format", "gptq")).lower()
@@ -192,48 +225,101 @@ def _from_checkpoint(method: str, qc: dict[str, Any], activations: str, skip: tu
         return QuantizationConfig(
             "awq", WeightScheme(bits, group, zero), activations, skip, None, checkpoint_ignore=ignore, raw=qc
         )
-    return _from_compressed_tensors(qc, activations, skip)
+    raise ValueError(f"unknown checkpoint method {method!r}")
 
 
-def _from_compressed_tensors(qc: dict[str, Any], activations: str, skip: tuple[str, ...]) -> QuantizationConfig:
-    fmt = qc.get("format")
-    if fmt != "pack-quantized":
-        raise ValueError(
-            f"compressed-tensors format {fmt!r} is not supported; supported: pack-quantized (W4A16 / W8A16, "
-            "symmetric or asymmetric, group or channel strategy)"
-        )
+def _from_compressed_tensors(qc: dict[str, Any], activations: str | None, skip: tuple[str, ...]) -> QuantizationConfig:
+    """One config group targeting ``Linear``, in a format of :data:`CT_FORMATS`. compressed-tensors writes the
+    format model-wide (``format``) and, since 0.10, per group too (``config_groups.<name>.format``; the
+    model-wide one is then that, or "mixed-precision" when groups differ)."""
     groups = qc.get("config_groups") or {}
     if len(groups) != 1:
         raise ValueError(f"compressed-tensors: {len(groups)} config_groups; nanoserve supports exactly one scheme")
     (name, group), = groups.items()
+    where = f"compressed-tensors config_groups.{name}"
+    fmt = _ct_format(qc.get("format"), group.get("format"), where)
     weights = group.get("weights") or {}
-    if group.get("input_activations") or group.get("output_activations"):
+    inputs = group.get("input_activations")
+    if group.get("output_activations"):
+        raise ValueError(f"{where}.output_activations: output activation quantization is not supported")
+    if inputs and fmt != "int-quantized":
         raise ValueError(
-            f"compressed-tensors config_groups.{name}: activation quantization is not supported "
-            "(weight-only W4A16 / W8A16 schemes are)"
+            f"{where}: activation quantization is not supported in format {fmt!r} (weight-only W4A16 / W8A16 "
+            "pack-quantized schemes are; W8A8 with dynamic per-token int8 activations is read from int-quantized)"
         )
     if weights.get("type", "int") != "int":
-        raise ValueError(f"compressed-tensors config_groups.{name}.weights.type {weights.get('type')!r}: only int")
-    bits = _check_bits(weights.get("num_bits"), (4, 8), f"compressed-tensors config_groups.{name}.weights.num_bits")
+        raise ValueError(f"{where}.weights.type {weights.get('type')!r}: only int")
+    allowed = (8,) if fmt == "int-quantized" else (4, 8)
+    bits = _check_bits(weights.get("num_bits"), allowed, f"{where}.weights.num_bits ({fmt})")
+    symmetric = bool(weights.get("symmetric", True))
+    if fmt == "int-quantized" and not symmetric:
+        raise ValueError(
+            f"{where}.weights.symmetric false: int-quantized weights must be symmetric (no zero points); "
+            f"supported: {CT_FORMATS['int-quantized']}"
+        )
     strategy = weights.get("strategy")
     if strategy == "group":
         group_size = int(weights.get("group_size") or 0)
         if group_size <= 0:
-            raise ValueError(f"compressed-tensors config_groups.{name}: strategy 'group' needs a group_size")
+            raise ValueError(f"{where}: strategy 'group' needs a group_size")
     elif strategy == "channel":
         group_size = -1
     else:
-        raise ValueError(
-            f"compressed-tensors config_groups.{name}.weights.strategy {strategy!r} is not supported; "
-            "supported: group, channel"
-        )
+        raise ValueError(f"{where}.weights.strategy {strategy!r} is not supported; supported: group, channel")
     targets = group.get("targets") or []
     if targets not in (["Linear"], ("Linear",)):
-        raise ValueError(f"compressed-tensors config_groups.{name}.targets {targets!r}: only ['Linear'] is supported")
+        raise ValueError(f"{where}.targets {targets!r}: only ['Linear'] is supported")
+    prescribed = "fp32"
+    if inputs:
+        _check_input_activations(inputs, f"{where}.input_activations")
+        prescribed = "int8"
+    if activations is None:
+        activations = prescribed
+    elif prescribed == "int8" and activations == "fp32":
+        logger.info(
+            "compressed-tensors %s: the checkpoint prescribes dynamic per-token int8 activations; "
+            "quantization_activations='%s' runs its int8 weights with float32 activations instead", fmt, activations,
+        )  # fmt: skip
     return QuantizationConfig(
-        "compressed-tensors", WeightScheme(bits, group_size, not bool(weights.get("symmetric", True))),
-        activations, skip, None, checkpoint_ignore=tuple(qc.get("ignore") or ()), raw=qc,
+        "compressed-tensors", WeightScheme(bits, group_size, not symmetric), activations, skip, None,
+        checkpoint_ignore=tuple(qc.get("ignore") or ()), ct_format=fmt, raw=qc,
     )  # fmt: skip
+
+
+def _ct_format(model_wide: Any, per_group: Any, where: str) -> str:
+    fmt = per_group if model_wide in (None, "mixed-precision") else model_wide
+    if per_group is not None and per_group != fmt:
+        raise ValueError(
+            f"compressed-tensors format {model_wide!r} (quantization_config.format) contradicts {where}.format "
+            f"{per_group!r}; the checkpoint must say one format"
+        )
+    if fmt not in CT_FORMATS:
+        listed = "; ".join(f"{k} ({v})" for k, v in CT_FORMATS.items())
+        raise ValueError(f"compressed-tensors format {fmt!r} is not supported; supported: {listed}")
+    return str(fmt)
+
+
+def _check_input_activations(args: dict[str, Any], where: str) -> None:
+    """Only what the int8-activation kernels compute: symmetric int8 per token, its scale found at run time."""
+    supported = ", ".join(f"{k} {_json(v)}" for k, v in CT_INPUT_ACTIVATIONS.items())
+    for key, want in CT_INPUT_ACTIVATIONS.items():
+        got = args.get(key)
+        if got != want:
+            reason = "not supported"
+            if key == "dynamic" and got is False:
+                reason = "static activation scales (an input_scale tensor per layer) are not supported"
+            elif key == "symmetric" and got is False:
+                reason = "asymmetric activations (a zero point per token) are not supported"
+            raise ValueError(
+                f"{where}.{key} {_json(got)}: {reason}; supported: dynamic per-token int8 activations ({supported})"
+            )
+    if args.get("group_size") is not None:
+        raise ValueError(f"{where}.group_size {args['group_size']!r}: per-token activations take no group_size")
+
+
+def _json(value: Any) -> str:
+    """A config value as config.json spells it (false, null, "token")."""
+    return json.dumps(value)
 
 
 def check_tensor_parallel(hf_config: Any, tp_size: int, config: QuantizationConfig, usable: list[int]) -> None:

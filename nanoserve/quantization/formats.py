@@ -12,6 +12,10 @@ The formats, as their writers define them (``w[n, k] = scale[n, g] * (code[n, k]
 * compressed-tensors ``pack-quantized``: ``weight_packed`` int32 [N, K*b/32] packed along K (the stored bits
   are the unsigned codes), ``weight_scale`` [N, groups], ``weight_zero_point`` int32 [N*b/32, groups] packed
   along N (asymmetric only), ``weight_shape`` [2].
+* compressed-tensors ``int-quantized`` (W8A8, symmetric): ``weight`` int8 [N, K], the signed codes
+  ``q = code - 128`` unpacked; ``weight_scale`` [N, groups] ([N, 1] for strategy "channel"), float in the
+  checkpoint's dtype; ``weight_zero_point`` [N, groups], absent or all zero (compressed-tensors >= 0.12 drops it
+  for symmetric schemes, older versions wrote zeros).
 
 Bits within a word fill from the least significant end, value i at bits [i*b, (i+1)*b).
 """
@@ -30,6 +34,8 @@ SUFFIXES = {
     "awq": (("qweight", "qzeros", "scales"), ()),
     # weight_shape sorts after weight_packed/weight_scale, so it is required: a part is complete when it arrives.
     "compressed-tensors": (("weight_packed", "weight_scale", "weight_shape"), ("weight_zero_point",)),
+    # weight_zero_point (symmetric: zeros) may arrive after the part is complete; check_zero_points reads it.
+    "int-quantized": (("weight", "weight_scale"), ("weight_zero_point",)),
 }
 
 
@@ -67,6 +73,13 @@ def _groups(in_features: int, group_size: int) -> int:
     if in_features % group_size:
         raise ValueError(f"group_size {group_size} does not divide the input size {in_features}")
     return in_features // group_size
+
+
+def check_zero_points(name: str, zeros: torch.Tensor, out_features: int, in_features: int, group_size: int) -> None:
+    """An int-quantized (symmetric) weight's stored zero points: [N, groups] of signed zeros, nothing else."""
+    _expect(name, zeros, (out_features, _groups(in_features, group_size)))
+    if zeros.is_floating_point() or torch.any(zeros != 0):
+        raise ValueError(f"{name}: the config says symmetric, but zero points other than integer 0 are stored")
 
 
 def _symmetric_or_zeros(zeros: torch.Tensor, bits: int, symmetric: bool, name: str) -> torch.Tensor | None:
@@ -132,4 +145,18 @@ def unpack(
             _expect(f"{name}.weight_zero_point", zp, (-(-n * bits // 32), groups))
             zeros = unpack_int32(zp, bits, n, dim=0).to(torch.float32)
         return Unpacked(codes.contiguous(), tensors["weight_scale"].to(torch.float32).contiguous(), zeros)
+    if fmt == "int-quantized":
+        weight, scale = tensors["weight"], tensors["weight_scale"]
+        if weight.dtype != torch.int8:
+            raise ValueError(
+                f"{name}.weight: dtype {weight.dtype}, expected torch.int8 (int-quantized stores int8 codes)"
+            )
+        _expect(f"{name}.weight", weight, (n, k))
+        if not scale.is_floating_point():
+            raise ValueError(f"{name}.weight_scale: dtype {scale.dtype}, expected a float type")
+        _expect(f"{name}.weight_scale", scale, (n, groups))
+        if bits != 8:
+            raise ValueError(f"{name}: int-quantized weights of {bits} bits are not supported; supported: 8")
+        codes = weight.to(torch.int16) + 128  # the unsigned frame, symmetric zero point 128
+        return Unpacked(codes.contiguous(), scale.to(torch.float32).contiguous(), None)
     raise ValueError(f"unknown checkpoint format {fmt!r}")

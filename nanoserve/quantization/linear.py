@@ -39,7 +39,7 @@ class QuantizedWeight:
         usable_tp_sizes: list[int] | None = None,
     ) -> None:  # fmt: skip
         self.name = name
-        self.source = source  # "float" (quantize on load) or a checkpoint format
+        self.source = source  # QuantizationConfig.tensor_format: "float" (quantize on load) or a checkpoint format
         self.scheme = scheme
         self.config = config
         self.kernels = kernels
@@ -76,6 +76,12 @@ class QuantizedWeight:
         """Take one checkpoint tensor of part ``shard_id`` (``checkpoint_name``: that part's module name in the
         checkpoint, e.g. ``...q_proj``, which errors name; default: this layer's name)."""
         checkpoint_name = checkpoint_name or self.name
+        if self.source == "int-quantized" and suffix == "weight_zero_point":
+            # Symmetric: all zeros, checked and dropped. It may sort (or sit in a shard file) after its part's
+            # weight and scale, which complete the part, so it is not held as pending.
+            full_n, full_k = region.full_shape
+            formats.check_zero_points(f"{checkpoint_name}.{suffix}", loaded[:], full_n, full_k, self.scheme.group_size)
+            return
         if self.source == "float":
             try:
                 self._quantize_float(buf, loaded, region)
@@ -84,7 +90,7 @@ class QuantizedWeight:
             return
         required, optional = self.suffixes
         if suffix not in required + optional:
-            raise ValueError(f"{checkpoint_name}.{suffix}: unexpected tensor for a {self.source} layer")
+            raise ValueError(f"{checkpoint_name}.{suffix}: unexpected tensor for a layer in {self.source} format")
         # Packed tensors are small; read now (the file may close before the part's last tensor arrives).
         part = self._pending.setdefault(shard_id, {})
         part[suffix] = loaded[:]
@@ -163,7 +169,9 @@ class QuantizedWeight:
     def matmul(self, x: torch.Tensor, buf: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.perm is not None:
             x = x[:, self.perm]
-        if self.kernels is None:  # no compiler: the reference arithmetic (slow, exact)
+        if self.kernels is None:  # no compiler: the reference arithmetic (slow, exact), int8 activations included
+            if self.int8_activations:
+                return layout.reference_linear(x, buf, self.shape, bias, int8_activations=True)
             return F.linear(x, layout.dequantize(buf, self.shape), bias)
         if not self.int8_activations and x.shape[0] >= DEQUANT_GEMM_MIN_ROWS:
             return self._slab_gemm(x, buf, bias)
@@ -220,7 +228,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, kernels: Any, h
             ckpt_skip = not config.on_load and _all_or_none(config.checkpoint_ignore, names, name, "the checkpoint's ignore list")
             if user_skip or ckpt_skip:
                 continue
-            source = "float" if config.on_load else config.method
+            source = config.tensor_format
             tp = getattr(module, "tp", None)
             split_dim = module.shard_region(None).split_dim
             module.use_quantized(QuantizedWeight(

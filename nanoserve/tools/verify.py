@@ -20,10 +20,13 @@ another order); anything else is a real divergence. The default tolerance depend
 (:data:`DEFAULT_TIE_TOLERANCE`).
 
 Low-bit weights: for a compressed-tensors checkpoint the reference is transformers loading that same checkpoint
-(it decompresses through the compressed-tensors package); for GPTQ / AWQ, which transformers runs only through
-gptqmodel / autoawq kernels, it is the dequantized float32 model (``quantization.export``), and the report says
-so. For quantize-on-load (``--quantization int8|int4``) and for int8 activations the reference is the float32
-checkpoint and agreement is a *quality figure* (matching tokens, max ``|Δ logprob|``), not a pass/fail.
+(it decompresses through the compressed-tensors package; a W8A8 ``int-quantized`` one run with
+``--quantization-activations fp32`` is compared against the same tensors with the config's activation
+quantization removed); for GPTQ / AWQ, which transformers runs only through gptqmodel / autoawq kernels, it is
+the dequantized float32 model (``quantization.export``), and the report says so. For quantize-on-load
+(``--quantization int8|int4``) the reference is the float32 checkpoint; there and with int8 activations (a W8A8
+checkpoint's default: transformers rounds them its own way) agreement is a *quality figure* (matching tokens,
+max ``|Δ logprob|``), not a pass/fail.
 
 Exit status (``nanoserve verify``): 0 when every divergence is a near-tie, 1 otherwise, 2 when verification
 could not run (bad options, or transformers cannot load the architecture). ``--json`` prints
@@ -542,6 +545,8 @@ def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str,
     mode = "quality" if quant.on_load or quant.activations == "int8" else "exact"
     if quant.on_load:
         return path, {}, "the float32 checkpoint (quantize-on-load: agreement is a quality figure)", mode
+    if quant.tensor_format == "int-quantized":
+        return _int_quantized_reference(path, quant, scratch, mode)
     if quant.method == "compressed-tensors":
         from transformers import CompressedTensorsConfig
 
@@ -555,6 +560,32 @@ def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str,
     return str(widened), {}, (
         f"the dequantized float32 model ({quant.method}: transformers runs it only through gptqmodel / autoawq "
         "kernels, so nanoserve's own unpacking is the reference here)"
+    ), mode
+
+
+def _int_quantized_reference(path: str, quant: Any, scratch: Path, mode: str) -> tuple[str, dict[str, Any], str, str]:
+    """compressed-tensors W8A8: transformers decompresses the int8 weights itself, and fake-quantizes each
+    quantized Linear's input per token with its own rounding (scale max|x| / 127.5, codes -128..127; nanoserve
+    divides by 127, as vLLM does), so with int8 activations agreement is a quality figure. With fp32 activations
+    the reference is the same tensors with input_activations removed from the config: weights only, exact."""
+    group = next(iter(quant.raw["config_groups"].values()))
+    if quant.activations == "int8" or not group.get("input_activations"):
+        rounding = " (it rounds activations per token with scale max|x|/127.5, nanoserve with max|x|/127)"
+        return path, {}, "the same checkpoint, run by transformers + compressed-tensors" + (
+            rounding if group.get("input_activations") else ""
+        ), mode  # fmt: skip
+    weight_only = scratch / "weight-only"
+    weight_only.mkdir()
+    for f in Path(path).iterdir():
+        if f.is_file() and f.name != "config.json":
+            (weight_only / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(path) / "config.json").read_text())
+    for g in config["quantization_config"]["config_groups"].values():
+        g["input_activations"] = None
+    (weight_only / "config.json").write_text(json.dumps(config))
+    return str(weight_only), {}, (
+        "the same int8 weights, decompressed by transformers + compressed-tensors, without its activation "
+        "quantization (input_activations removed), as quantization_activations=fp32 runs them"
     ), mode
 
 
