@@ -38,7 +38,7 @@ CACHE_DIR_ENV = "NANOSERVE_CACHE_DIR"
 
 # The C sources live beside this file (package data files, so non-editable installs carry them too); they
 # compile into one library.
-_SOURCE_PATHS = (Path(__file__).with_name("native_kernels.c"), Path(__file__).with_name("quant_kernels.c"))
+_SOURCE_PATHS = tuple(Path(__file__).with_name(name) for name in ("native_kernels.c", "quant_kernels.c", "decode_kernels.c"))
 
 _FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-fno-math-errno"]  # no errno: sqrtf is one instruction
 

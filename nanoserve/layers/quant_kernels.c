@@ -267,6 +267,13 @@ static void q_quantize_row(const float *x, const qshape *s, int8_t *xq, float *s
     }
 }
 
+/* Whether u8 x s8 dot products sum in 32 bits (VNNI) rather than through saturating int16 pairs (maddubs). */
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512BW__))
+#define Q_WIDE_DOT 1
+#else
+#define Q_WIDE_DOT 0
+#endif
+
 #if defined(__AVX2__)
 static inline __m256i q_dot_u8s8(__m256i acc, __m256i u, __m256i s8) {
 #if defined(__AVXVNNI__)
@@ -380,9 +387,34 @@ static inline __m256i q_group_dot_unsigned(const uint8_t *u, const qshape *s, co
 #endif
 }
 
-/* Integer dot products of one row of quantized x with the 8 rows of a group, codes read from the record. */
+/* Integer dot products of one row of quantized x with the 8 rows of a group, codes read from the record. With
+   AVX-512 VNNI, 8-bit codes are read as c + 128 (sign bit flipped, two rows per 512-bit load; the caller
+   compensates through the zero point, Q_I8_FLIPPED): a third of the instructions of the sign trick below. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q_I8_FLIPPED 1
+#else
+#define Q_I8_FLIPPED 0
+#endif
 static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, const int8_t *xq) {
     if (s->bits == 4) return q_group_dot_i4_pairs(codes, s, xq);
+#if Q_I8_FLIPPED
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512i acc[4];
+    for (int p = 0; p < 4; p++) acc[p] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < s->G; c += QCHUNK) {
+        const __m512i xv = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(xq + c)));
+        const uint8_t *chunk = codes + (c / QCHUNK) * QT * 32;
+        #pragma GCC unroll 4
+        for (int p = 0; p < 4; p++)
+            acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_xor_si512(_mm512_loadu_si512(chunk + 64 * p), flip), xv);
+    }
+    __m256i rows[QT];
+    for (int p = 0; p < 4; p++) {
+        rows[2 * p] = _mm512_castsi512_si256(acc[p]);
+        rows[2 * p + 1] = _mm512_extracti64x4_epi64(acc[p], 1);
+    }
+    return q_hsum8x8_epi32(rows);
+#else
     __m256i acc[QT];
     for (int r = 0; r < QT; r++) acc[r] = _mm256_setzero_si256();
     for (int64_t c = 0; c < s->G; c += QCHUNK) {
@@ -394,6 +426,79 @@ static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, cons
         }
     }
     return q_hsum8x8_epi32(acc);
+#endif
+}
+#endif
+
+#if defined(__AVX2__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define Q_BLOCKED 1
+/* Several rows of x, AVX-512 VNNI: one 512-bit dot product covers 64 codes, so the per-group reduction of the
+   row sums (shuffles, one port) would cost more than the dot products. Instead the tile's codes are made
+   unsigned once for all its groups, then each pair of x rows walks every group with its sums in registers:
+   per group the integer sums of each lane are scaled lane-wise (scale vectors built once per tile), and the
+   lanes of each row are added up once per tile, not once per group. Each weight vector loaded from L1 feeds
+   both rows. */
+static void q_tile_i8_blocked(const uint8_t *w, const qshape *s, int64_t t, const int8_t *xq, int64_t M,
+                              const int32_t *xsum, const float *sx, uint8_t *unpacked, __m512 *scale_lanes,
+                              __m256 *mins, const float *bias, float *y) {
+    const int64_t G = s->G, K = s->K, ng = s->ngroups;
+    const float implied_zero = s->bits == 4 ? 8.f : 0.f;
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *rec = q_record(w, s, t, g);
+        q_prefetch_record(rec, s);
+        const __m256 sc = _mm256_loadu_ps((const float *)rec);
+        __m256 mn = s->asym ? _mm256_loadu_ps((const float *)rec + QT) : _mm256_mul_ps(sc, _mm256_set1_ps(implied_zero));
+        if (s->bits == 8) mn = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), mn);  /* codes + 128 */
+        mins[g] = mn;
+        q_unsigned_record(rec + s->header, s, unpacked + g * QT * G);
+        /* lanes 0-7 of a row-pair accumulator hold row 2p, lanes 8-15 row 2p+1 */
+        const __m512 sc512 = _mm512_castps256_ps512(sc);
+        for (int p = 0; p < 4; p++) {
+            const __m512i idx = _mm512_inserti64x4(_mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1);
+            scale_lanes[g * 4 + p] = _mm512_permutexvar_ps(idx, sc512);
+        }
+    }
+    for (int64_t m = 0; m < M; m += 2) {
+        const int64_t m1 = m + 1 < M ? m + 1 : m;  /* an odd last row is computed twice, stored once */
+        __m512 f0[4], f1[4];
+        for (int p = 0; p < 4; p++) f0[p] = f1[p] = _mm512_setzero_ps();
+        __m256 z0 = _mm256_setzero_ps(), z1 = z0;
+        for (int64_t g = 0; g < ng; g++) {
+            __m512i a0[4], a1[4];
+            for (int p = 0; p < 4; p++) a0[p] = a1[p] = _mm512_setzero_si512();
+            const uint8_t *u = unpacked + g * QT * G;
+            const int8_t *x0 = xq + m * K + g * G, *x1 = xq + m1 * K + g * G;
+            for (int64_t c = 0; c < G; c += QCHUNK) {
+                const __m512i xv0 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x0 + c)));
+                const __m512i xv1 = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i *)(x1 + c)));
+                const uint8_t *chunk = u + (c / QCHUNK) * QT * 32;
+                #pragma GCC unroll 4
+                for (int p = 0; p < 4; p++) {
+                    const __m512i wv = _mm512_loadu_si512(chunk + 64 * p);
+                    a0[p] = _mm512_dpbusd_epi32(a0[p], wv, xv0);
+                    a1[p] = _mm512_dpbusd_epi32(a1[p], wv, xv1);
+                }
+            }
+            for (int p = 0; p < 4; p++) {
+                f0[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0[p]), scale_lanes[g * 4 + p], f0[p]);
+                f1[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a1[p]), scale_lanes[g * 4 + p], f1[p]);
+            }
+            z0 = _mm256_fmadd_ps(mins[g], _mm256_set1_ps((float)xsum[m * ng + g]), z0);
+            z1 = _mm256_fmadd_ps(mins[g], _mm256_set1_ps((float)xsum[m1 * ng + g]), z1);
+        }
+        for (int64_t r = 0; r < 2 && m + r < M; r++) {
+            const __m512 *f = r ? f1 : f0;
+            __m256 rows[QT];
+            for (int p = 0; p < 4; p++) {
+                rows[2 * p] = _mm512_castps512_ps256(f[p]);
+                rows[2 * p + 1] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f[p]), 1));
+            }
+            const __m256 v = _mm256_mul_ps(_mm256_sub_ps(q_hsum8x8_ps(rows), r ? z1 : z0), _mm256_set1_ps(sx[m + r]));
+            float out[QT];
+            _mm256_storeu_ps(out, v);
+            q_store_tile(y + (m + r) * s->N, out, t * QT, s->N, bias);
+        }
+    }
 }
 #endif
 
@@ -407,10 +512,33 @@ void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits
     #pragma omp parallel for schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; m++) q_quantize_row(x + m * x_stride, &s, xq + m * K, sx + m, xsum + m * s.ngroups);
     const float implied_zero = bits == 4 ? 8.f : 0.f;
+#if defined(Q_BLOCKED)
+    /* per-channel weights (one group per row) gain nothing from it: measured equal or slower */
+    if (M > 1 && s.ngroups > 1) {
+        #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
+        {
+            uint8_t *unpacked = aligned_alloc(64, (size_t)(QT * K));
+            __m512 *scale_lanes = aligned_alloc(64, sizeof(__m512) * (size_t)(4 * s.ngroups));
+            __m256 *mins = aligned_alloc(64, sizeof(__m256) * (size_t)s.ngroups);
+            #pragma omp for schedule(static)
+            for (int64_t t = 0; t < tiles; t++)
+                q_tile_i8_blocked(w, &s, t, xq, M, xsum, sx, unpacked, scale_lanes, mins, bias, y);
+            free(unpacked);
+            free(scale_lanes);
+            free(mins);
+        }
+        free(xq);
+        free(sx);
+        free(xsum);
+        return;
+    }
+#endif
     #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
     {
-        /* For several rows of x, codes are made unsigned once per record instead of once per row. */
-        uint8_t *unpacked = M > 1 ? aligned_alloc(64, (size_t)(QT * G)) : NULL;
+        /* For several rows of x, codes are made unsigned once per record instead of once per row; not 8-bit
+           codes where the dot product is maddubs, whose int16 pair sums would saturate at 255 x 127 (the
+           sign trick of q_group_dot_i8 keeps them within 128 x 127). */
+        uint8_t *unpacked = M > 1 && (bits == 4 || Q_WIDE_DOT) ? aligned_alloc(64, (size_t)(QT * G)) : NULL;
         float *acc = malloc(sizeof(float) * (size_t)(M * QT));
         #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
@@ -423,10 +551,8 @@ void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits
 #if defined(__AVX2__)
                 const __m256 sc = _mm256_loadu_ps(scale);
                 __m256 mins = s.asym ? _mm256_loadu_ps(scale + QT) : _mm256_mul_ps(sc, _mm256_set1_ps(implied_zero));
-                if (unpacked) {
-                    q_unsigned_record(codes, &s, unpacked);
-                    if (bits == 8) mins = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), mins);  /* codes + 128 */
-                }
+                if (unpacked) q_unsigned_record(codes, &s, unpacked);
+                if (bits == 8 && (unpacked || Q_I8_FLIPPED)) mins = _mm256_fmadd_ps(sc, _mm256_set1_ps(128.f), mins);  /* codes + 128 */
                 for (int64_t m = 0; m < M; m++) {
                     const int8_t *xg = xq + m * K + g * G;
                     const __m256 dot = _mm256_cvtepi32_ps(unpacked ? q_group_dot_unsigned(unpacked, &s, xg)

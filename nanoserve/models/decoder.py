@@ -17,6 +17,8 @@ from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanoserve.layers.norm import RMSNorm
 from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary
+from nanoserve.models import native_decode
+from nanoserve.models.native_decode import NativeDecode
 
 
 @dataclass(frozen=True)
@@ -142,15 +144,30 @@ class DecoderModel(nn.Module):
         self.rope_lookup = any(layer.self_attn.kernels is None for layer in self.layers)
         # One rotary table for all layers (a table per layer costs layers x 2 x max_position x head_dim).
         self.rotary = RotaryEmbedding(head_dim_of(hf_config), ctx.max_position, hf_config, ctx.dtype)
+        # Decode steps through every layer in one C call where the model allows it (see native_decode); built
+        # on first use, and again whenever the KV caches move.
+        self.native_decode: NativeDecode | None = None
+        self._native_decode_key: tuple | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.step(positions, lookup=self.rope_lookup)  # once per step, for every layer
-        residual = None
-        for layer in self.layers:
-            x, residual = layer(rope, x, residual, meta)
+        fast = self._native_decode_plan() if x.is_cpu else None
+        if fast is not None and fast.applies(x.shape[0], meta):
+            x, residual = fast.run(x, positions, meta)
+        else:
+            rope = self.rotary.step(positions, lookup=self.rope_lookup)  # once per step, for every layer
+            residual = None
+            for layer in self.layers:
+                x, residual = layer(rope, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    def _native_decode_plan(self) -> NativeDecode | None:
+        key = native_decode.cache_key(self)
+        if key != self._native_decode_key:
+            self.native_decode = native_decode.plan_native_decode(self)
+            self._native_decode_key = key
+        return self.native_decode
 
 
 class DecoderForCausalLM(nn.Module):

@@ -169,6 +169,30 @@ def test_the_portable_build_matches_reference(lib, tmp_path) -> None:
         assert ((rows - layout.dequantize(buf, shape)[8:]).abs() <= ELEMENT_REL * element_scale(buf, shape)[8:]).all()
 
 
+@pytest.mark.parametrize("vnni", [False, True], ids=["avx2", "avx2-vnni"])
+def test_the_avx2_build_matches_reference(lib, tmp_path, vnni: bool) -> None:
+    """The AVX2 forms (maddubs, or AVX-VNNI dpbusd), which an AVX-512 machine never runs from its own build:
+    built here with only those flags, on CPUs that can run them."""
+    flags = native._cpu_flags()
+    if not {"avx2", "fma"} <= flags or (vnni and "avx_vnni" not in flags):
+        pytest.skip("this CPU cannot run the AVX2 build" + (" with AVX-VNNI" if vnni else ""))
+    target = tmp_path / f"nanoserve_kernels_avx2_{vnni}.so"
+    native._compile(native._compiler(), native._FLAGS + ["-mavx2", "-mfma"] + (["-mavxvnni"] if vnni else []), target)
+    avx2 = ctypes.CDLL(str(target))
+    native._declare(avx2)
+    for i, (bits, asymmetric, group_size, int8) in enumerate(
+        itertools.product(BITS, (False, True), (32, -1), (False, True))
+    ):
+        shape, buf = random_weight(21, 128 if group_size == 32 else 72, bits, group_size, asymmetric, seed=90 + i)
+        k = shape.in_features
+        for m in (1, 2, 7, 17):
+            x = lay_out(random_x(m, k, seed=100 + i + m, int8_activations=int8), "wide-rows")
+            bias = torch.randn(21, generator=gen(i))
+            got = native.q_linear(avx2, x, buf, shape, bias, int8)
+            what = f"int{bits} asym={asymmetric} group {group_size} int8={int8} M={m}"
+            assert_matches(got, reference(x, buf, shape, bias, int8), term_scale(x, buf, shape, bias), what)
+
+
 # ------------------------------------------------------------------------------------------ q_linear
 
 

@@ -1,0 +1,170 @@
+"""The decoder's decode steps in one C call (``decoder_decode_step_f32`` in layers/decode_kernels.c).
+
+A batch-1 decode step of a 28-layer model makes ~250 kernel calls; from Python each one costs ctypes
+marshalling, an output allocation and module dispatch (~8 ms of a ~50 ms Qwen3-0.6B int4 step, measured with
+per-kernel timers). The C loop runs the same kernels in the same order, so its output is bit-identical to the
+per-layer path, which stays the reference and the fallback.
+
+:func:`plan_native_decode` describes the model once (shapes, weight pointers, norms, caches) as ctypes
+structures; :meth:`NativeDecode.applies` says whether a step can take the C loop: decode tokens only, few
+enough rows for each projection's kernel. Models it cannot describe (tensor parallelism, act-order weights,
+weights oneDNN alone reads, a torch attention backend, ...) get no plan and always take the per-layer path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from typing import Any
+
+import torch
+
+from nanoserve.layers import attention, native
+from nanoserve.layers.linear import NATIVE_GEMM_MAX_ROWS, LinearBase
+
+NATIVE_DECODE_ENV = "NANOSERVE_NATIVE_DECODE"  # "0": always the per-layer path (for comparisons)
+
+_LOWBIT_F32, _LOWBIT_I8, _PACKED_F32 = 0, 1, 2
+_i64, _f32, _ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [
+        ("weight", _ptr), ("bias", _ptr), ("kind", _i64), ("N", _i64), ("K", _i64), ("Kp", _i64),
+        ("group", _i64), ("bits", _i64), ("asym", _i64),
+    ]  # fmt: skip
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [
+        ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("input_norm", _ptr),
+        ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+    ]  # fmt: skip
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [
+        ("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
+        ("intermediate", _i64), ("block_size", _i64), ("eps", _f32), ("qk_eps", _f32), ("scale", _f32),
+        ("cos_table", _ptr), ("sin_table", _ptr), ("layers", ctypes.POINTER(_Layer)),
+    ]  # fmt: skip
+
+
+def _declare(lib: ctypes.CDLL) -> Any:
+    fn = lib.decoder_decode_step_f32
+    fn.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _describe_linear(module: LinearBase) -> tuple[_Linear, int] | None:
+    """The projection as the C loop sees it, and the most rows its kernel takes there (None: it cannot)."""
+    bias = module.bias.data_ptr() if module.bias is not None else None
+    if module.quant is not None:
+        q = module.quant
+        s = q.shape
+        if q.kernels is None or q.perm is not None or s.padded_in != module.in_features:
+            return None
+        kind = _LOWBIT_I8 if q.int8_activations else _LOWBIT_F32
+        # float32 activations: from 16 rows on, the layer widens the weights and runs a float GEMM instead
+        from nanoserve.quantization.linear import DEQUANT_GEMM_MIN_ROWS
+
+        max_rows = 1 << 30 if q.int8_activations else DEQUANT_GEMM_MIN_ROWS - 1
+        desc = _Linear(module.packed.data_ptr(), bias, kind, s.out_features, s.padded_in, s.padded_in,
+                       s.group_size, s.bits, int(s.asymmetric))  # fmt: skip
+        return desc, max_rows
+    packed = module.packed_weight
+    if packed is None or packed.kernels is None or not packed.row_block:
+        return None
+    max_rows = NATIVE_GEMM_MAX_ROWS if packed.row_block == 64 else native.GEMV_MAX_ROWS
+    kp = packed.padded_in_features or module.in_features
+    desc = _Linear(packed.address, bias, _PACKED_F32, packed.out_features, module.in_features, kp, packed.row_block, 0, 0)
+    return desc, max_rows
+
+
+class NativeDecode:
+    """The C description of one model, valid while its weights and KV caches stay where they are."""
+
+    def __init__(self, model: _Model, layers: Any, max_rows: int, caches: tuple, fn: Any, keep: list) -> None:
+        self.model = model
+        self.layers = layers  # the ctypes array the model points into
+        self.max_rows = max_rows
+        self.caches = caches  # cache_key() of the caches it was built for
+        self.fn = fn
+        self._keep = keep  # tensors whose addresses the description holds
+        self.steps_run = 0
+
+    def applies(self, num_tokens: int, meta: attention.AttentionMetadata) -> bool:
+        return meta.num_decode_tokens == num_tokens and num_tokens <= self.max_rows
+
+    def run(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(last layer's output, residual) for the embeddings ``x`` [T, hidden], as the layer loop returns them."""
+        x = x.clone(memory_format=torch.contiguous_format)  # written in place
+        residual = torch.empty_like(x)
+        tables = meta.decode_block_tables
+        assert tables.stride(1) == 1 and positions.dtype == torch.int64
+        status = self.fn(
+            ctypes.byref(self.model), x.data_ptr(), residual.data_ptr(), x.shape[0], positions.data_ptr(),
+            meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.stride(0), meta.decode_context_lens.data_ptr(),
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError("native decode step: could not allocate its scratch buffers")
+        self.steps_run += 1
+        return x, residual
+
+
+def enabled() -> bool:
+    return os.environ.get(NATIVE_DECODE_ENV, "1").lower() not in ("0", "false", "off")
+
+
+def cache_key(decoder: Any) -> tuple[tuple[int, int], ...]:
+    """Where the KV caches are and how large (a cache reallocated at the same address with another block count
+    moves its V half)."""
+    return tuple((layer.self_attn.attn.kv_cache.data_ptr(), layer.self_attn.attn.kv_cache.numel()) for layer in decoder.layers)
+
+
+def plan_native_decode(decoder: Any) -> NativeDecode | None:
+    """A :class:`NativeDecode` for ``decoder`` (a models.decoder.DecoderModel with its caches bound), or None
+    where some layer cannot run in the C loop."""
+    lib = native.load()
+    if lib is None or not enabled() or not decoder.layers:
+        return None
+    first = decoder.layers[0]
+    attn0 = first.self_attn
+    descs, keep, max_rows = [], [], 1 << 30
+    for layer in decoder.layers:
+        sa, mlp = layer.self_attn, layer.mlp
+        cache = sa.attn.kv_cache
+        if (
+            sa.kernels is None or mlp.kernels is None or layer.input_layernorm.kernels is None
+            or layer.post_attention_layernorm.kernels is None or sa.attn.backend is not attention.cpu_native_attention
+            or getattr(sa.o_proj, "tp", None) is not None and sa.o_proj.tp.size != 1
+            or cache.dim() != 5 or cache.dtype != torch.float32 or not cache.is_contiguous() or cache.numel() == 0
+            or sa.head_dim % 8 or sa.attn.scale != attn0.attn.scale
+        ):  # fmt: skip
+            return None
+        linears = []
+        for module in (sa.qkv_proj, sa.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            described = _describe_linear(module)
+            if described is None:
+                return None
+            linears.append(described[0])
+            max_rows = min(max_rows, described[1])
+        half = cache[0].numel() * cache.element_size()
+        qk = sa.q_norm is not None
+        descs.append(_Layer(
+            *linears, layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+            sa.q_norm.weight.data_ptr() if qk else None, sa.k_norm.weight.data_ptr() if qk else None,
+            cache.data_ptr(), cache.data_ptr() + half,
+        ))  # fmt: skip
+        keep.append(cache)
+    layers = (_Layer * len(descs))(*descs)
+    qk_eps = attn0.q_norm.eps if attn0.q_norm is not None else 0.0
+    rotary = decoder.rotary
+    model = _Model(
+        len(descs), first.input_layernorm.weight.shape[0], attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
+        first.mlp.gate_up_proj.out_sizes[0], first.self_attn.attn.kv_cache.shape[2], first.input_layernorm.eps,
+        qk_eps, attn0.attn.scale, rotary.cos.data_ptr(), rotary.sin.data_ptr(), layers,
+    )  # fmt: skip
+    keep += [rotary.cos, rotary.sin]
+    return NativeDecode(model, layers, max_rows, cache_key(decoder), _declare(lib), keep)

@@ -1,0 +1,111 @@
+"""The decoder's decode steps in one C call (models/native_decode.py) against the per-layer path.
+
+The C loop runs the same kernels in the same order as the layers do from Python, so tokens and
+log-probabilities must be *identical*, not close: any difference means it skipped, reordered or misread
+something. Each case checks that the C loop really ran (its step counter), with several sequences decoding at
+once (rows > 1), a shared prefix served from the prefix cache, and chunked prefill mixed in; the model-level
+parity tests against transformers (tests/model/) run through it too, since it is the default.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import pytest
+
+from nanoserve import LLM, SamplingParams
+from nanoserve.models import native_decode
+from nanoserve.testing.checkpoints import build_checkpoint
+from tests.conftest import assert_all_blocks_free
+
+PREFIX = [7, 19, 23, 31, 44, 58, 61, 77]
+PROMPTS = [PREFIX + [120, 133, 141], PREFIX + [150, 162, 170, 181, 190, 201, 215, 222, 230], [5 + 7 * i for i in range(30)]]
+SAMPLING = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12, logprobs=3)
+ENGINE = dict(kv_cache_memory="32MiB", block_size=4, max_num_batched_tokens=16, enable_prefix_caching=True)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.Path]:
+    root = tmp_path_factory.mktemp("native_decode")
+    return {
+        # Qwen3: per-head q/k norms; GQA 4:2.
+        "qwen3": build_checkpoint(root / "qwen3", arch="qwen3", hidden_size=64, num_key_value_heads=2, seed=21),
+        # Qwen2: q/k/v biases, no q/k norms.
+        "qwen2": build_checkpoint(root / "qwen2", arch="qwen2", hidden_size=64, num_key_value_heads=2, seed=22),
+        # Llama, tied embeddings, three layers.
+        "llama": build_checkpoint(root / "llama", arch="llama", tie_word_embeddings=True, num_hidden_layers=3, seed=23),
+    }
+
+
+def _run(model: pathlib.Path, native: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[list, list, int]:
+    """Tokens and top log-probabilities of PROMPTS, and how many steps took the C loop."""
+    monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1" if native else "0")
+    with LLM(str(model), **ENGINE, **kwargs) as llm:
+        first = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SAMPLING, use_tqdm=False)
+        rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[1:]], SAMPLING, use_tqdm=False)
+        outs = first + rest
+        assert sum(o.num_cached_tokens for o in rest) >= 4, "the shared prefix was not served from the cache"
+        assert_all_blocks_free(llm.engine)
+        plan = llm.engine.executor.runner.model.model.native_decode
+        steps = plan.steps_run if plan is not None else 0
+    tokens = [o.outputs[0].token_ids for o in outs]
+    logprobs = [[sorted(d.items()) for d in o.outputs[0].logprobs] for o in outs]
+    return tokens, logprobs, steps
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("qwen3", {}),
+        ("qwen2", {}),
+        ("llama", {}),
+        ("qwen3", dict(quantization="int4", quantization_group_size=32)),
+        ("qwen2", dict(quantization="int4", quantization_group_size=32, quantization_zero_point=True)),
+        ("llama", dict(quantization="int8")),
+        ("qwen3", dict(quantization="int8", quantization_activations="int8")),
+        ("qwen2", dict(quantization="int4", quantization_group_size=32, quantization_activations="int8")),
+        ("llama", dict(quantization="int4", quantization_group_size=32, quantization_activations="int8")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "fp32",
+)
+def test_identical_to_the_layer_path(
+    checkpoints: dict[str, pathlib.Path], arch: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens, logprobs, steps = _run(checkpoints[arch], True, monkeypatch, **kwargs)
+    want_tokens, want_logprobs, off_steps = _run(checkpoints[arch], False, monkeypatch, **kwargs)
+    assert off_steps == 0
+    # 12 tokens for one sequence, then two decoding together: at least 20 decode-only steps.
+    assert steps >= 20, f"the C loop ran {steps} steps"
+    assert len({t for seq in want_tokens for t in seq}) >= 8, want_tokens  # the comparison is not blind
+    assert tokens == want_tokens
+    assert logprobs == want_logprobs
+
+
+def test_torch_attention_backend_keeps_the_layer_path(checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The C loop calls the native attention kernel; a model configured for torch's attention must not take it.
+    monkeypatch.setenv("NANOSERVE_ATTENTION_BACKEND", "torch_sdpa")
+    _, _, steps = _run(checkpoints["qwen3"], True, monkeypatch)
+    assert steps == 0
+
+
+def test_native_kernels_off_keeps_the_torch_path(checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # NANOSERVE_NATIVE=0 selects torch ops and torch's attention everywhere; the C loop must not run behind it.
+    monkeypatch.setenv("NANOSERVE_NATIVE", "0")
+    _, _, steps = _run(checkpoints["qwen3"], True, monkeypatch)
+    assert steps == 0
+
+
+def test_row_limits_of_float_activation_lowbit_layers(checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """From 16 rows on, float-activation low-bit layers widen their weights for a float GEMM: a decode batch that
+    large must take the layer path (where that happens), and a smaller one the C loop."""
+    monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1")
+    prompts = [{"prompt_token_ids": [3 + i, 40 + i, 90 + i]} for i in range(20)]
+    sampling = SamplingParams(temperature=0, ignore_eos=True, max_tokens=4)
+    with LLM(str(checkpoints["llama"]), kv_cache_memory="32MiB", block_size=4, quantization="int8") as llm:
+        model = llm.engine.executor.runner.model.model
+        llm.generate(prompts, sampling, use_tqdm=False)  # 20 rows per decode step
+        assert model.native_decode is not None and model.native_decode.max_rows == 15
+        assert model.native_decode.steps_run == 0
+        llm.generate(prompts[:3], sampling, use_tqdm=False)
+        assert model.native_decode.steps_run == 3
