@@ -1,4 +1,4 @@
-"""`nanoserve generate | serve | bench | verify | plan` — each subcommand lives in its own module and is
+"""`nanoserve generate | serve | chat | bench | verify | plan` — each subcommand lives in its own module and is
 imported only when used, so `nanoserve --help` stays fast."""
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ _SUBCOMMANDS = {
     "bench": "nanoserve.tools.bench",
     "verify": "nanoserve.tools.verify",
     "plan": "nanoserve.tools.plan",
+    "chat": "nanoserve.tools.chat",
 }
 
 

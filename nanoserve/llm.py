@@ -88,7 +88,12 @@ class LLM:
         order: dict[str, int] = {}
         for i, (prompt, params) in enumerate(zip(prompts, params_list)):
             request_id = str(next(self._ids))
-            engine.add_request(request_id, prompt, params)
+            try:
+                engine.add_request(request_id, prompt, params)
+            except ValueError as exc:  # e.g. an invalid grammar: take back what was queued before it
+                for queued in order:
+                    engine.abort_request(queued)
+                raise ValueError(f"prompt {i}: {exc}") from None
             order[request_id] = i
         results: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="Generating", disable=not use_tqdm, dynamic_ncols=True)
@@ -105,6 +110,35 @@ class LLM:
         finally:
             bar.close()
         return results  # type: ignore[return-value]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` messages) or several (a list of
+        them), rendered by the tokenizer's chat template (or ``chat_template``), as vLLM's ``LLM.chat``. ``tools``
+        reach the template as transformers' ``apply_chat_template(tools=...)`` passes them;
+        ``chat_template_kwargs`` too (e.g. ``{"enable_thinking": False}`` for Qwen3)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        tokenizer = self.get_tokenizer()
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; pass chat_template= or use generate()")
+        prompts = []
+        for conversation in conversations:
+            text = tokenizer.apply_chat_template(
+                conversation, tools=tools, chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                tokenize=False, **(chat_template_kwargs or {}),
+            )  # fmt: skip
+            # The template places any BOS itself.
+            prompts.append({"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def close(self) -> None:
         self.engine.shutdown()

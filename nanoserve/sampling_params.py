@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json as _json
 import sys
 from dataclasses import dataclass, field
 
@@ -23,6 +24,60 @@ class RequestOutputKind(enum.Enum):
     CUMULATIVE = 0
     DELTA = 1
     FINAL_ONLY = 2
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """Constrain a request's output to a grammar, as vLLM's ``StructuredOutputsParams``: exactly one of
+
+    * ``json``: a JSON schema (a dict, or its JSON text) the output must satisfy;
+    * ``json_object``: any JSON object;
+    * ``regex``: a regular expression the whole output must match;
+    * ``choice``: one of these strings, exactly;
+    * ``grammar``: a context-free grammar in Lark syntax (llguidance's dialect; GBNF-style EBNF is not read).
+
+    ``disable_any_whitespace``: JSON without free whitespace between tokens (compact output; random or small
+    models otherwise pad JSON with whitespace for hundreds of tokens). The server's
+    ``--structured-outputs-disable-any-whitespace`` sets it for every request. A constrained request ends
+    with ``"stop"`` once the grammar is complete (and the model has emitted EOS where the grammar allows it), or
+    ``"length"`` at ``max_tokens`` like any other.
+    """
+
+    json: str | dict | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | tuple[str, ...] | None = None
+    grammar: str | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            which = ", ".join(given) if given else "none"
+            raise ValueError(
+                f"structured_outputs: give exactly one of json, json_object, regex, choice, grammar (got {which})"
+            )
+        if self.json is not None and not isinstance(self.json, (str, dict)):
+            raise ValueError(f"structured_outputs.json: must be a JSON schema (an object or its JSON text), got {type(self.json).__name__}")
+        if isinstance(self.json, dict):
+            # Kept as text, so the params hash (grammars are cached by them); key order is the schema's.
+            try:
+                object.__setattr__(self, "json", _json.dumps(self.json))
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"structured_outputs.json: not serialisable as JSON ({exc})") from None
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"structured_outputs.{name}: must be a non-empty string, got {value!r}")
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice:
+                raise ValueError(f"structured_outputs.choice: must be a non-empty list of strings, got {self.choice!r}")
+            if not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError(f"structured_outputs.choice: every choice must be a non-empty string, got {self.choice!r}")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        if not isinstance(self.disable_any_whitespace, bool) or not isinstance(self.json_object, bool):
+            raise ValueError("structured_outputs.json_object and .disable_any_whitespace must be booleans")
 
 
 @dataclass
@@ -55,8 +110,17 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    structured_outputs: StructuredOutputsParams | None = None
+    # Token id -> value added to its logit before sampling (OpenAI's logit_bias, each in [-100, 100]).
+    logit_bias: dict[int, float] | None = None
+    # Only these tokens may be sampled (vLLM's allowed_token_ids).
+    allowed_token_ids: list[int] | None = None
+    # Words never generated: the last token of each one's tokenization is banned wherever the tokens before it
+    # have just been generated (vLLM's bad_words; with and without a leading space).
+    bad_words: list[str] | None = None
     # Filled by the engine from the tokenizer; users normally leave it alone.
     _stop_strings: tuple[str, ...] = field(default=(), init=False, repr=False)
+    _bad_words_token_ids: tuple[tuple[int, ...], ...] = field(default=(), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -118,11 +182,39 @@ class SamplingParams:
             fail("repetition_penalty", f"must be > 0 (1 disables it), got {self.repetition_penalty}")
         if not isinstance(self.output_kind, RequestOutputKind):
             fail("output_kind", f"must be a RequestOutputKind, got {self.output_kind!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                fail("logit_bias", f"must map token ids to numbers, got {type(self.logit_bias).__name__}")
+            for token, bias in self.logit_bias.items():
+                if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                    fail("logit_bias", f"keys must be token ids (integers >= 0), got {token!r}")
+                _check_number(bias, "logit_bias")
+                if not -100 <= bias <= 100:
+                    fail("logit_bias", f"biases must be in [-100, 100], got {bias} for token {token}")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids:
+                fail("allowed_token_ids", f"must be a non-empty list of token ids, got {ids!r}")
+            for t in ids:
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    fail("allowed_token_ids", f"must be token ids (integers >= 0), got {t!r}")
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+                fail("bad_words", f"must be a list of non-empty strings, got {self.bad_words!r}")
+            self.bad_words = list(self.bad_words)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            fail("structured_outputs", f"must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}")
 
     @property
     def greedy(self) -> bool:
         """Decoded by argmax (the first of equal maxima); the sampler's one test for it."""
         return self.temperature < SAMPLING_EPS or self.top_k == 1
+
+    @property
+    def restricts_tokens(self) -> bool:
+        """Any of logit_bias, allowed_token_ids, bad_words: the sampler edits this row's logits."""
+        return bool(self.logit_bias or self.allowed_token_ids or self._bad_words_token_ids)
 
     @property
     def has_penalties(self) -> bool:

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from nanoserve.engine.llm_engine import LLMEngine, Prompt
 from nanoserve.outputs import RequestOutput
-from nanoserve.sampling_params import RequestOutputKind, SamplingParams
+from nanoserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +324,11 @@ class AsyncLLMEngine:
                 add.stream.close()  # aborts the accepted ones; a no-op for the rejected
             raise
         return [add.stream for add in adds]
+
+    async def compile_grammar(self, spec: StructuredOutputsParams) -> None:
+        """Compile (and cache) a constrained request's grammar in a worker thread, off the engine's step loop;
+        ValueError naming the field if it is invalid."""
+        await asyncio.to_thread(self.engine.grammars.compile, spec)
 
     def abort(self, request_id: str) -> None:
         """Ask the engine thread to abort a request and free its blocks at once (no-op if it already ended)."""

@@ -21,6 +21,7 @@ from nanoserve.engine.output_processor import OutputProcessor, ProcessedStep, Re
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence
 from nanoserve.engine.step import SchedulerOutput, StepInput
+from nanoserve.engine.structured_output import GrammarCompiler
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.layers.sampler import Sampler
 from nanoserve.outputs import RequestOutput
@@ -104,6 +105,8 @@ class LLMEngine:
         self.output_processor = OutputProcessor(self.tokenizer, self.eos_token_ids, self.max_model_len)
         self.sampler = Sampler(self.eos_token_ids, config.seed, device="cpu" if config.device == "cpu" else "cuda")
         self.vocab_size = int(config.hf_config.vocab_size)
+        # Structured outputs: grammars compiled once per spec (the server compiles them before they get here).
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids)
         self.stats = EngineStats()
         self.check_invariants = os.environ.get(CHECK_INVARIANTS_ENV, "") not in ("", "0")
         self._next_seq_id = 0
@@ -162,17 +165,37 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text, token_ids = self.tokenize_prompt(prompt)
         self.check_prompt_fits(len(token_ids))
+        self._check_token_restrictions(params)
+        grammar = self.grammars.compile(params.structured_outputs) if params.structured_outputs is not None else None
         now = time.monotonic() if arrival_time is None else arrival_time
         seqs: list[Sequence] = []
         for i in range(params.n):
             seq = Sequence(self._next_seq_id, request_id, i, list(token_ids), len(token_ids), params, now)
             seq.first_sibling = seqs[0] if seqs else None
+            if grammar is not None:
+                seq.grammar = self.grammars.matcher(grammar)  # each sample its own position
             self._next_seq_id += 1
             seqs.append(seq)
         self.output_processor.add_request(request_id, text, token_ids, params, seqs, now)
         self.stats.prompt_tokens += len(token_ids)
         for seq in seqs:
             self.scheduler.add(seq)
+
+    def _check_token_restrictions(self, params: SamplingParams) -> None:
+        """Token ids of logit_bias / allowed_token_ids within the vocabulary; bad_words tokenized (each with and
+        without a leading space, so the word is banned at the start of the text and inside it)."""
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            for t in ids:
+                if t >= self.vocab_size:
+                    raise ValueError(f"SamplingParams.{name}: token id {t} is outside the vocabulary [0, {self.vocab_size})")
+        if params.bad_words:
+            words: dict[tuple[int, ...], None] = {}
+            for word in params.bad_words:
+                for text in (word.lstrip(), " " + word.lstrip()):
+                    ids = tuple(self.tokenizer.encode(text, add_special_tokens=False))
+                    if ids:
+                        words[ids] = None
+            params._bad_words_token_ids = tuple(words)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its blocks; returns its last output (finish_reason 'abort')."""

@@ -4,11 +4,13 @@ and the outputs users see.
 Each step the engine hands over the sequences that received a token (and those the scheduler could not
 continue). For each, in this order:
 
+0. a constrained request's grammar matcher takes the token (see engine/structured_output.py);
 1. a stop token ends it (EOS unless ``ignore_eos``, or one of ``stop_token_ids``; only once ``min_tokens``
    are out): the token stays in ``token_ids`` but adds no text;
 2. otherwise its text is extended and searched for stop strings (again only past ``min_tokens``); the text is
    cut where one starts (or after it, with ``include_stop_str_in_output``);
-3. otherwise ``max_tokens`` or ``max_model_len`` end it with ``"length"``.
+3. otherwise a grammar that is complete ends it with ``"stop"`` (even on its ``max_tokens``-th token);
+4. otherwise ``max_tokens`` or ``max_model_len`` end it with ``"length"``.
 
 The sequences that ended go back to the scheduler in one list per step, which frees their blocks.
 
@@ -20,6 +22,7 @@ shows they do not begin a stop string, so text once released is never taken back
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,8 @@ from nanoserve.engine.sequence import Sequence
 from nanoserve.engine.step import Finish
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoserve.sampling_params import RequestOutputKind, SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def token_finish(seq: Sequence, token: int, eos_token_ids: set[int], max_model_len: int) -> Finish | None:
@@ -209,7 +214,9 @@ class OutputProcessor:
             lp = logprobs[i] if logprobs is not None else None
             if lp is not None:
                 _append_logprobs(sample, seq.token_ids[-1], lp)
-            finish = self._apply_stop_rules(seq, sample)
+            finish = self._advance_grammar(seq)
+            if finish is None:
+                finish = self._apply_stop_rules(seq, sample)
             if finish is not None:
                 sample.finish(finish.reason, finish.stop_reason)
                 finished.append(finish)
@@ -219,6 +226,17 @@ class OutputProcessor:
             state.samples[seq.sample_index].finish("length")
         outputs, done = self._outputs(touched.values())
         return ProcessedStep(outputs, finished, done)
+
+    @staticmethod
+    def _advance_grammar(seq: Sequence) -> Finish | None:
+        """Advance a constrained sequence's matcher by its new token. The sampler's mask allowed only grammatical
+        tokens, so a refusal means the matcher itself failed: the sequence ends (``"abort"``) rather than
+        continue unconstrained."""
+        if seq.grammar is None or seq.grammar.accept(seq.token_ids[-1]):
+            return None
+        logger.warning("request %s: the grammar refused token %d (%s); ending the sequence",
+                       seq.request_id, seq.token_ids[-1], seq.grammar.error or "no error reported")  # fmt: skip
+        return Finish(seq, "abort")
 
     def _apply_stop_rules(self, seq: Sequence, sample: SampleState) -> Finish | None:
         token = seq.token_ids[-1]
@@ -234,6 +252,8 @@ class OutputProcessor:
             # The same token may also have reached max_tokens: the stop string wins, as in vLLM, since it cut
             # the text.
             return Finish(seq, "stop", stop)
+        if seq.grammar is not None and seq.grammar.is_finished:
+            return Finish(seq, "stop")  # the output is complete: nothing but EOS could follow
         return length_finish(seq, self.max_model_len)
 
     def abort(self, request_id: str) -> tuple[list[Finish], RequestOutput | None]:

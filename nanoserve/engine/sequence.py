@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 from nanoserve.sampling_params import SamplingParams
 
@@ -41,6 +42,9 @@ class Sequence:
     first_sibling: Sequence | None = None  # sample 0 of the same request, whose prompt blocks we share
     # How many of block_ids the runner has been told about; 0 forces a full resend (new or preempted).
     num_blocks_sent: int = 0
+    # A constrained request's position in its grammar (engine.structured_output.GrammarMatcher): the sampler
+    # masks with it, the output processor advances it with each accepted token.
+    grammar: Any = None
 
     @property
     def num_output_tokens(self) -> int:

@@ -1,7 +1,7 @@
 """Turn the last-position logits of each sampling sequence into next tokens (and log-probabilities).
 
 Order of operations, as in vLLM v1: log-probabilities are taken from the raw model logits; then penalties,
-min_tokens suppression, then greedy argmax or sampling: temperature, min-p, top-k, top-p (``_truncate``).
+logit_bias / allowed_token_ids / bad_words, min_tokens suppression, the grammar masks of constrained requests, then greedy argmax or sampling: temperature, min-p, top-k, top-p (``_truncate``).
 Sampling uses the exponential race (argmax of p / E with E ~ Exp(1)), which needs no host sync per row, and a
 per-sequence generator for seeded requests, so a seeded request samples the same tokens alone or in any batch.
 
@@ -18,6 +18,7 @@ import torch
 import xxhash
 
 from nanoserve.engine.sequence import Sequence
+from nanoserve.engine.structured_output import apply_token_bitmask
 from nanoserve.sampling_params import SamplingParams
 
 
@@ -131,6 +132,27 @@ def _add_distinct(distinct: _DistinctIds, tokens: list[int], vocab: int) -> list
     return new
 
 
+def _restrict_tokens(row: torch.Tensor, seq: Sequence) -> None:
+    """``logit_bias``, then ``allowed_token_ids``, then ``bad_words`` on one row of logits ([V], in place)."""
+    params, vocab = seq.params, row.shape[0]
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=row.device)
+        row[ids] += torch.tensor(list(params.logit_bias.values()), dtype=row.dtype, device=row.device)
+    if params.allowed_token_ids:
+        keep = torch.tensor(params.allowed_token_ids, device=row.device)
+        kept = row[keep]
+        row.fill_(float("-inf"))
+        row[keep] = kept
+    if params._bad_words_token_ids:
+        output = seq.token_ids[seq.num_prompt_tokens :]
+        banned = [
+            word[-1] for word in params._bad_words_token_ids
+            if word[-1] < vocab and (len(word) == 1 or tuple(output[len(output) - len(word) + 1 :]) == word[:-1])
+        ]  # fmt: skip
+        if banned:
+            row[banned] = float("-inf")
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], seed: int, device: torch.device | str = "cpu") -> None:
         self.eos_token_ids = sorted(eos_token_ids)
@@ -156,13 +178,20 @@ class Sampler:
 
         self._apply_penalties(logits, seqs)
         for i, seq in enumerate(seqs):
+            if seq.params.restricts_tokens:
+                _restrict_tokens(logits[i], seq)
+        for i, seq in enumerate(seqs):
             params = seq.params
-            if seq.num_output_tokens < params.min_tokens:
+            # A complete grammar allows only EOS: min_tokens cannot hold it open (it would leave no token at all).
+            if seq.num_output_tokens < params.min_tokens and not (seq.grammar is not None and seq.grammar.is_finished):
                 banned = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
                 # A stop id outside the vocabulary can never be sampled anyway; indexing with it would raise.
                 banned = [t for t in banned if t < logits.shape[1]]
                 if banned:
                     logits[i, banned] = float("-inf")
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            self._apply_grammars(logits, seqs, constrained)
 
         tokens = logits.argmax(dim=-1)
         # Which rows sample is known on the host: no device sync to find them.
@@ -188,6 +217,19 @@ class Sampler:
                     top_logprobs=top_lp[j, :k].tolist() if k else [],
                 )
         return SamplerOutput(token_list, out_logprobs)
+
+    @staticmethod
+    def _apply_grammars(logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> None:
+        """Rows of constrained sequences keep only the tokens their grammar allows next (the others become
+        -inf), after the penalties, before greedy or sampling, as in vLLM; log-probabilities stay those of the
+        model's own distribution."""
+        bitmask = torch.empty((len(rows), -(-logits.shape[1] // 32)), dtype=torch.int32)  # host: the matchers write it
+        for j, i in enumerate(rows):
+            seqs[i].grammar.fill_bitmask(bitmask, j)
+        index = torch.tensor(rows, device=logits.device)
+        masked = logits[index]
+        apply_token_bitmask(masked, bitmask)
+        logits[index] = masked
 
     def _apply_penalties(self, logits: torch.Tensor, seqs: list[Sequence]) -> None:
         """OpenAI/vLLM definitions, on the rows of ``logits`` ([N, V], modified in place) whose sequence has

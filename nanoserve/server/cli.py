@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
 from nanoserve.engine_args import add_engine_args, engine_kwargs, resolve_model
+from nanoserve.server.reasoning import REASONING_PARSERS
+from nanoserve.server.tool_parsers import TOOL_PARSERS
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +80,58 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="on SIGINT/SIGTERM, seconds to let in-flight requests finish before cancelling them "
                         "(default: wait for all)")  # fmt: skip
     g.add_argument("--uvicorn-log-level", default="warning", help="uvicorn's log level (default: warning)")
+    c = p.add_argument_group("chat")
+    c.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template file used instead of the tokenizer's own")  # fmt: skip
+    c.add_argument("--reasoning-parser", default=None, choices=tuple(REASONING_PARSERS),
+                   help="split each reply's <think>...</think> into message.reasoning (and reasoning_content, for "
+                        "older clients): qwen3 (when the reply opens with <think>), deepseek_r1 (the template "
+                        "opens it)")  # fmt: skip
+    c.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help='let the model decide when to call tools (tool_choice "auto", the default when a request '
+                        "has tools); needs --tool-call-parser")  # fmt: skip
+    c.add_argument("--tool-call-parser", default=None, choices=tuple(TOOL_PARSERS),
+                   help="how tool calls are read from replies: hermes (Qwen2.5/Qwen3), llama3_json, mistral")
+    s = p.add_argument_group("structured outputs")
+    s.add_argument("--structured-outputs-disable-any-whitespace", action="store_true",
+                   help="constrained JSON without free whitespace for every request that does not set "
+                        "structured_outputs.disable_any_whitespace itself (vLLM's disable_any_whitespace)")  # fmt: skip
+    s.add_argument("--structured-outputs-config", default=None, metavar="JSON",
+                   help="vLLM's spelling, e.g. '{\"disable_any_whitespace\": true}'; keys: "
+                        f"{', '.join(STRUCTURED_OUTPUTS_CONFIG_KEYS)}")  # fmt: skip
     p.set_defaults(run=run_serve)
+
+
+# Keys of --structured-outputs-config nanoserve reads; "backend" may only name the one nanoserve has.
+STRUCTURED_OUTPUTS_CONFIG_KEYS = ("disable_any_whitespace", "backend")
+
+
+def disable_any_whitespace(args: argparse.Namespace) -> bool:
+    """The server-wide compact-JSON default from either spelling; a bad --structured-outputs-config is refused."""
+    on = bool(args.structured_outputs_disable_any_whitespace)
+    if args.structured_outputs_config is None:
+        return on
+    try:
+        config = json.loads(args.structured_outputs_config)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--structured-outputs-config: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise ValueError("--structured-outputs-config: must be a JSON object, e.g. '{\"disable_any_whitespace\": true}'")
+    unknown = sorted(set(config) - set(STRUCTURED_OUTPUTS_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(
+            f"--structured-outputs-config: unsupported key(s) {', '.join(unknown)}; supported: "
+            f"{', '.join(STRUCTURED_OUTPUTS_CONFIG_KEYS)}"
+        )
+    value = config.get("disable_any_whitespace", False)
+    if not isinstance(value, bool):
+        raise ValueError(f"--structured-outputs-config: disable_any_whitespace must be true or false, got {value!r}")
+    from nanoserve.engine.structured_output import GRAMMAR_BACKEND
+
+    backend = config.get("backend", "auto")
+    if backend not in ("auto", GRAMMAR_BACKEND):
+        raise ValueError(f"--structured-outputs-config: backend {backend!r} is not available; nanoserve uses {GRAMMAR_BACKEND!r} (or 'auto')")
+    return on or value
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -111,6 +166,15 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-bytes must be at least 1024, got {args.max_request_bytes}")
     if not args.request_body_timeout > 0:  # also refuses nan
         raise ValueError(f"--request-body-timeout must be > 0 seconds, got {args.request_body_timeout}")
+    compact_json = disable_any_whitespace(args)
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        raise ValueError("--enable-auto-tool-choice needs --tool-call-parser (hermes, llama3_json or mistral)")
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = Path(args.chat_template).read_text()
+        except OSError as exc:
+            raise ValueError(f"--chat-template: cannot read {args.chat_template!r}: {exc}") from None
     model = resolve_model(args.model)
     names = tuple(args.served_model_name or [DEMO_MODEL_NAME if args.model is None else args.model])
     config = EngineConfig.create(model, **engine_kwargs(args))
@@ -121,7 +185,9 @@ def run_serve(args: argparse.Namespace) -> int:
         metrics = ServerMetrics()
         async_engine = AsyncLLMEngine(LLMEngine(config), args.max_queued_requests, observer=metrics)
         settings = ServerSettings(served_model_names=names, model_path=config.model, api_key=args.api_key,
-                                  max_request_bytes=args.max_request_bytes)  # fmt: skip
+                                  max_request_bytes=args.max_request_bytes, disable_any_whitespace=compact_json,
+                                  reasoning_parser=args.reasoning_parser, chat_template=chat_template,
+                                  tool_call_parser=args.tool_call_parser if args.enable_auto_tool_choice else None)  # fmt: skip
         app = build_app(async_engine, load_tokenizer(config.tokenizer), settings, metrics,
                         body_timeout_s=args.request_body_timeout, generation_defaults=generation_defaults)  # fmt: skip
         host, port = sock.getsockname()[:2]

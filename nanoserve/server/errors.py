@@ -47,11 +47,12 @@ def from_validation_error(exc: ValidationError) -> APIError:
     return bad_request("invalid request: " + "; ".join(parts[:5]), param=param)
 
 
-_FIELD = re.compile(r"^SamplingParams\.(\w+):")
+_FIELD = re.compile(r"^(?:SamplingParams\.(\w+)|(structured_outputs|response_format)(?:\.\w+)*):")
 
 
 def from_value_error(exc: ValueError) -> APIError:
-    """An engine ``ValueError`` (``"SamplingParams.temperature: must be >= 0 ..."``) as a 400 naming the field."""
+    """An engine ``ValueError`` (``"SamplingParams.temperature: must be >= 0 ..."``, ``"structured_outputs.json:
+    ..."``) as a 400 naming the field."""
     message = str(exc)
     m = _FIELD.match(message)
-    return bad_request(message, param=m.group(1) if m else None)
+    return bad_request(message, param=(m.group(1) or m.group(2)) if m else None)

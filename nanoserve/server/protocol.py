@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from nanoserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams
+from nanoserve.sampling_params import MAX_LOGPROBS, MAX_N, SamplingParams, StructuredOutputsParams
 
 
 # Optional response fields OpenAI leaves out when unset (``delta.role``), or that only extensions ask for.
@@ -24,6 +24,10 @@ def _omit_none() -> Any:
 
 # A stop list longer than this is almost certainly hostile: every stop string is searched on every token.
 MAX_STOP_STRINGS = 64
+# OpenAI's own limit on logit_bias entries.
+MAX_LOGIT_BIAS = 300
+# bad_words are tokenized on the engine thread: a word is a word, not a document.
+MAX_BAD_WORD_CHARS = 256
 # Completions one request may ask for (prompts x n): each is a sequence held in host memory until it ends, so
 # this bounds what a single request can queue (OpenAI caps the prompt list at 2048; n is at most MAX_N).
 MAX_CHOICES_PER_REQUEST = 1024
@@ -113,9 +117,24 @@ class SamplingFields(OpenAIModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = _documented(maxProperties=0, description="not supported")
+    logit_bias: dict[str, float] | None = _documented(
+        maxProperties=MAX_LOGIT_BIAS, additionalProperties={"minimum": -100, "maximum": 100},
+        description="token id (as a string) -> bias added to its logit, -100..100",
+    )
+    allowed_token_ids: list[int] | None = _documented(minItems=1, items={"minimum": 0})
+    bad_words: list[str] | None = _documented(maxItems=MAX_STOP_STRINGS, items={"minLength": 1, "maxLength": MAX_BAD_WORD_CHARS})
     # nanoserve/vLLM extension: return the generated token ids with each choice.
     return_token_ids: bool = False
+    # vLLM's constrained decoding fields: ``structured_outputs`` (vLLM >= 0.11) and the older ``guided_*`` names
+    # that many clients still send (vLLM dropped them in 0.12).
+    structured_outputs: dict[str, Any] | None = _documented(
+        description="one of json (a JSON schema), json_object, regex, choice, grammar (Lark); "
+        "disable_any_whitespace: compact JSON"
+    )
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("stop")
     @classmethod
@@ -126,9 +145,21 @@ class SamplingFields(OpenAIModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
-        if v:
-            raise ValueError("logit_bias is not supported")
+    def _token_id_keys(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v and len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries are allowed, got {len(v)}")
+        for key in v or {}:
+            if not key.isdigit() or len(key) > 12:
+                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        return v
+
+    @field_validator("bad_words")
+    @classmethod
+    def _few_bad_words(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(v) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} bad_words are allowed, got {len(v)}")
+        if v is not None and any(len(w) > MAX_BAD_WORD_CHARS for w in v):
+            raise ValueError(f"bad_words: each word may have at most {MAX_BAD_WORD_CHARS} characters")
         return v
 
     @model_validator(mode="after")
@@ -138,7 +169,8 @@ class SamplingFields(OpenAIModel):
         return self
 
     def sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, vocab_size: int, defaults: Mapping[str, Any] | None = None
+        self, max_tokens: int | None, logprobs: int | None, vocab_size: int, defaults: Mapping[str, Any] | None = None,
+        structured: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """The engine's settings for this request; raises ValueError naming a field that is out of range.
 
@@ -169,8 +201,48 @@ class SamplingFields(OpenAIModel):
             frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
             skip_special_tokens=self.skip_special_tokens,
             include_stop_str_in_output=self.include_stop_str_in_output,
+            structured_outputs=structured,
+            logit_bias={int(k): v for k, v in self.logit_bias.items()} if self.logit_bias else None,
+            allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
         )
         return SamplingParams(**opts)
+
+    def structured_spec(self, disable_any_whitespace: bool = False) -> StructuredOutputsParams | None:
+        """The request's output constraint, from whichever one of its spellings it uses (``structured_outputs``,
+        the ``guided_*`` fields, or chat's ``response_format``); ``disable_any_whitespace`` is the server's
+        default for it. Raises ValueError naming the field."""
+        sources: dict[str, dict[str, Any]] = {}
+        so = dict(self.structured_outputs or {})
+        unknown = sorted(set(so) - STRUCTURED_OUTPUT_KEYS)
+        if unknown:
+            raise ValueError(
+                f"structured_outputs: unsupported key(s) {', '.join(unknown)}; supported: "
+                f"{', '.join(sorted(STRUCTURED_OUTPUT_KEYS))}"
+            )
+        # disable_any_whitespace alone constrains nothing: it shapes whichever constraint the request gives.
+        compact = so.pop("disable_any_whitespace", disable_any_whitespace)
+        if so:
+            sources["structured_outputs"] = so
+        guided = {
+            key: getattr(self, f"guided_{key}") for key in ("json", "regex", "choice", "grammar")
+            if getattr(self, f"guided_{key}") is not None
+        }  # fmt: skip
+        if guided:
+            sources["guided_" + "/guided_".join(guided)] = guided
+        sources.update(self._response_format_spec())
+        if not sources:
+            return None
+        if len(sources) > 1:
+            raise ValueError(f"structured_outputs: give one output constraint, got several ({', '.join(sources)})")
+        fields = {**next(iter(sources.values())), "disable_any_whitespace": compact}
+        try:
+            return StructuredOutputsParams(**fields)
+        except TypeError as exc:  # a value of the wrong type for the dataclass
+            raise ValueError(f"structured_outputs: {exc}") from None
+
+    def _response_format_spec(self) -> dict[str, dict[str, Any]]:
+        return {}
 
     def leaves_max_tokens_unset(self) -> bool:
         """The request does not name its length (no ``max_tokens`` nor ``max_completion_tokens`` in the body),
@@ -180,6 +252,13 @@ class SamplingFields(OpenAIModel):
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+
+# apply_chat_template arguments the server itself decides.
+RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "tokenize", "add_generation_prompt", "chat_template", "tools",
+                                      "return_dict", "return_tensors", "continue_final_message"})  # fmt: skip
+# Keys of ``structured_outputs`` nanoserve reads (vLLM's names).
+STRUCTURED_OUTPUT_KEYS = frozenset({"json", "json_object", "regex", "choice", "grammar", "disable_any_whitespace"})
 
 
 # ---- /v1/completions ---------------------------------------------------------------------------------
@@ -252,10 +331,23 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients send the object
+
+
+class MessageToolCall(OpenAIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool's answer: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -265,6 +357,30 @@ class ChatMessage(OpenAIModel):
         return "".join(part.text for part in self.content)
 
 
+MAX_TOOLS = 128
+
+
+class FunctionDefinition(OpenAIModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments
+    strict: bool | None = None
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"] = "function"
+    function: NamedFunction
+
+
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = _documented(minimum=1)
@@ -272,20 +388,68 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS, description="needs logprobs=true")
     add_generation_prompt: bool = True
-    tools: list[Any] | None = _documented(maxItems=0, description="not supported")
+    # Passed to the chat template, e.g. {"enable_thinking": false} for Qwen3.
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = _documented(maxItems=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     response_format: dict[str, Any] | None = _documented(
-        properties={"type": {"const": "text"}}, description="only {'type': 'text'}"
+        properties={"type": {"enum": ["text", "json_object", "json_schema"]}},
+        description="{'type': 'text'}, {'type': 'json_object'}, or {'type': 'json_schema', 'json_schema': "
+        "{'name': ..., 'schema': {...}, 'strict': true}}",
     )
 
     @model_validator(mode="after")
     def _checks(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
-        if self.tools:
-            raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError("response_format other than text is not supported")
+        names = [t.function.name for t in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: two tools have the same name")
+        if self.tools and len(self.tools) > MAX_TOOLS:
+            raise ValueError(f"tools: at most {MAX_TOOLS} are allowed")
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} (tools: {', '.join(names)})")
+        reserved = sorted(set(self.chat_template_kwargs or {}) & RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs: {', '.join(reserved)} cannot be set here (the server sets them)")
         return self
+
+    def _response_format_spec(self) -> dict[str, dict[str, Any]]:
+        """``response_format`` as structured-output fields (none for ``text``)."""
+        rf = self.response_format
+        if not rf:
+            return {}
+        kind = rf.get("type", "text")
+        if kind == "text":
+            return {}
+        if kind == "json_object":
+            return {"response_format": {"json_object": True}}
+        if kind == "json_schema":
+            spec = rf.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise ValueError(
+                    "response_format: type json_schema needs json_schema.schema, a JSON schema object "
+                    "({'type': 'json_schema', 'json_schema': {'name': ..., 'schema': {...}}})"
+                )
+            return {"response_format": {"json": spec["schema"]}}
+        raise ValueError(f"response_format: type must be text, json_object or json_schema, got {kind!r}")
+
+    @property
+    def tool_mode(self) -> str:
+        """"none", "auto", "required" or "named" (``tool_choice`` unset means auto when tools are given)."""
+        if not self.tools:
+            return "none"
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice):
+            return "named"
+        return choice or "auto"
+
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as the chat template takes them (transformers' ``apply_chat_template(tools=...)``)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -308,9 +472,37 @@ class ChatLogprobs(BaseModel):
     content: list[ChatLogprobToken] | None = None
 
 
+class ResponseFunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ResponseToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ResponseFunctionCall
+
+
+class DeltaFunctionCall(BaseModel):
+    name: str | None = _omit_none()
+    arguments: str | None = _omit_none()
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = _omit_none()
+    type: Literal["function"] | None = _omit_none()
+    function: DeltaFunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ResponseToolCall] = Field(default_factory=list)
+    # With --reasoning-parser: the reply's <think> part. vLLM names it ``reasoning``; older clients read
+    # ``reasoning_content``: both are sent.
+    reasoning: str | None = _omit_none()
+    reasoning_content: str | None = _omit_none()
 
 
 class ChatChoice(BaseModel):
@@ -334,6 +526,9 @@ class ChatCompletionResponse(BaseModel):
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = _omit_none()
     content: str | None = _omit_none()
+    tool_calls: list[DeltaToolCall] | None = _omit_none()
+    reasoning: str | None = _omit_none()
+    reasoning_content: str | None = _omit_none()
 
 
 class ChatStreamChoice(BaseModel):

@@ -25,7 +25,7 @@ from starlette.requests import Request
 
 from nanoserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, QueueFullError, RequestStream
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
-from nanoserve.sampling_params import RequestOutputKind, SamplingParams
+from nanoserve.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 from nanoserve.server.errors import APIError, bad_request, from_value_error
 from nanoserve.server.protocol import (
     MAX_CHOICES_PER_REQUEST,
@@ -42,13 +42,25 @@ from nanoserve.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DeltaFunctionCall,
     DeltaMessage,
+    DeltaToolCall,
     ErrorResponse,
+    ResponseFunctionCall,
+    ResponseToolCall,
     SamplingFields,
     TopLogprob,
     UsageInfo,
 )
+from nanoserve.server.reasoning import make_reasoning_parser
 from nanoserve.server.tokens import TokenStrings
+from nanoserve.server.tool_parsers import (
+    ToolCall,
+    ToolCallStream,
+    make_tool_parser,
+    parse_required,
+    required_calls_schema,
+)
 
 T = TypeVar("T")
 
@@ -62,6 +74,14 @@ class ServerSettings:
     model_path: str
     api_key: str | None = None
     max_request_bytes: int = 4 * 2**20
+    # Compact JSON for every constrained request that does not say otherwise (vLLM's disable_any_whitespace).
+    disable_any_whitespace: bool = False
+    # --reasoning-parser: split replies' <think> part into the reasoning field (None: leave replies whole).
+    reasoning_parser: str | None = None
+    # --chat-template: used instead of the tokenizer's own.
+    chat_template: str | None = None
+    # --enable-auto-tool-choice --tool-call-parser NAME: how "auto" tool calls are read from replies.
+    tool_call_parser: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,16 @@ class _Cursor:
 
 class ClientDisconnected(Exception):
     pass
+
+
+def _arguments_object(arguments: str | dict[str, Any]) -> Any:
+    """A history tool call's arguments as templates expect them: an object (OpenAI sends JSON text)."""
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments
 
 
 def _finite(x: float) -> float:
@@ -192,9 +222,14 @@ class OpenAIServing:
     def tokenize_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
-    def render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> EnginePrompt:
-        """Messages through the tokenizer's chat template; 400 if the model has none or it rejects them."""
-        if not getattr(self.tokenizer, "chat_template", None):
+    def render_chat(
+        self, messages: list[ChatMessage], add_generation_prompt: bool, template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> EnginePrompt:
+        """Messages through the chat template (the server's --chat-template, else the tokenizer's); 400 if there
+        is none or it rejects them."""
+        template = self.settings.chat_template
+        if template is None and not getattr(self.tokenizer, "chat_template", None):
             raise bad_request(
                 "this model's tokenizer has no chat template, so /v1/chat/completions cannot format messages; "
                 "use /v1/completions with a plain prompt", param="messages", code="no_chat_template",
@@ -204,11 +239,20 @@ class OpenAIServing:
             msg: dict[str, Any] = {"role": m.role, "content": m.text()}
             if m.name is not None:
                 msg["name"] = m.name
+            if m.tool_calls:
+                msg["tool_calls"] = [
+                    {"id": tc.id, "type": "function",
+                     "function": {"name": tc.function.name, "arguments": _arguments_object(tc.function.arguments)}}
+                    for tc in m.tool_calls
+                ]  # fmt: skip
+            if m.tool_call_id is not None:
+                msg["tool_call_id"] = m.tool_call_id
             conversation.append(msg)
         try:
             text = self.tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=False, chat_template=template,
+                tools=tools, **(template_kwargs or {}),
+            )  # fmt: skip
         except TemplateError as exc:
             raise bad_request(f"the chat template rejected the messages: {exc}", param="messages") from None
         # The template already placed any BOS it wants; do not add special tokens twice.
@@ -225,6 +269,7 @@ class OpenAIServing:
     def sampling_params(
         self, req: SamplingFields, prompt: EnginePrompt, requested: int | None, logprobs: int | None,
         prompt_param: str, max_tokens_param: str, logprobs_param: str = "logprobs",
+        tool_constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:  # fmt: skip
         """Settings for one prompt; the server's defaults fill what the request leaves unset. ``requested=None``
         (and a request that leaves its length unset, when there is a default ``max_tokens``) fills the context
@@ -250,8 +295,20 @@ class OpenAIServing:
             max_tokens = requested
         if req.stop_token_ids:
             self.check_token_ids(req.stop_token_ids, "stop_token_ids")
+        if req.allowed_token_ids:
+            self.check_token_ids(req.allowed_token_ids, "allowed_token_ids")
+        if req.logit_bias:
+            self.check_token_ids((int(k) for k in req.logit_bias), "logit_bias")
         try:
-            params = req.sampling_params(max_tokens, logprobs, self.limits.vocab_size, self.default_sampling_params)
+            structured = req.structured_spec(self.settings.disable_any_whitespace)
+            if tool_constraint is not None:
+                if structured is not None:
+                    raise ValueError("structured_outputs: tool_choice 'required' or a named tool already constrains "
+                                     "the reply; drop response_format / structured_outputs")  # fmt: skip
+                structured = tool_constraint
+            params = req.sampling_params(
+                max_tokens, logprobs, self.limits.vocab_size, self.default_sampling_params, structured
+            )
         except ValueError as exc:
             err = from_value_error(exc)
             if err.info.param == "max_tokens":
@@ -274,6 +331,10 @@ class OpenAIServing:
         """Hand every prompt to the engine; all or none (a rejected one aborts those already added)."""
         rids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
         try:
+            # Grammars compile here, in a worker thread, not on the engine's step loop (cached: the engine then
+            # finds them compiled); an invalid schema is a 400.
+            for spec in dict.fromkeys(p.structured_outputs for p in params if p.structured_outputs is not None):
+                await self.engine.compile_grammar(spec)
             return await self.engine.add_requests(
                 [(rid, prompt.as_engine_prompt(), p) for rid, prompt, p in zip(rids, prompts, params)]
             )
@@ -463,11 +524,18 @@ class OpenAIServing:
 
     async def chat(self, req: ChatCompletionRequest, raw: Request) -> Any:
         model = self.check_model(req.model)
-        prompt = self.render_chat(req.messages, req.add_generation_prompt)
+        mode = req.tool_mode
+        if mode == "auto" and self.settings.tool_call_parser is None:
+            raise bad_request('"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set '
+                              'on the server; or pass tool_choice "none", "required" or a named function',
+                              param="tool_choice")  # fmt: skip
+        prompt = self.render_chat(req.messages, req.add_generation_prompt, req.chat_template_kwargs,
+                                  req.tool_dicts() or None)  # fmt: skip
         logprobs = req.engine_logprobs()
         param_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         params = self.sampling_params(
-            req, prompt, req.requested_max_tokens(), logprobs, "messages", param_name, logprobs_param="top_logprobs"
+            req, prompt, req.requested_max_tokens(), logprobs, "messages", param_name, logprobs_param="top_logprobs",
+            tool_constraint=self._tool_constraint(req),
         )
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -478,14 +546,55 @@ class OpenAIServing:
         (out,) = await self.until_disconnected(raw, self.collect(streams))
         choices = []
         for c in out.outputs:
+            message, finish_reason = self._reply(req, c.text, c.finish_reason)
             choices.append(ChatChoice(
-                index=c.index, message=ChatResponseMessage(content=c.text),
+                index=c.index, message=message,
                 logprobs=self.chat_logprobs(c, 0, len(c.token_ids), req.top_logprobs or 0) if req.logprobs else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                finish_reason=finish_reason, stop_reason=c.stop_reason,
                 token_ids=list(c.token_ids) if req.return_token_ids else None,
             ))  # fmt: skip
         return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                       usage=self._usage([prompt], [out]))  # fmt: skip
+
+    def _tool_constraint(self, req: ChatCompletionRequest) -> StructuredOutputsParams | None:
+        """``required`` and a named tool are enforced by constrained decoding, so their replies always parse."""
+        compact = (req.structured_outputs or {}).get("disable_any_whitespace", self.settings.disable_any_whitespace)
+        if req.tool_mode == "required":
+            return StructuredOutputsParams(json=required_calls_schema(req.tool_dicts()), disable_any_whitespace=compact)
+        if req.tool_mode == "named":
+            name = req.tool_choice.function.name  # type: ignore[union-attr]
+            tool = next(t for t in req.tools or [] if t.function.name == name)
+            return StructuredOutputsParams(json=tool.function.parameters or {"type": "object"}, disable_any_whitespace=compact)
+        return None
+
+    def _tool_calls(self, req: ChatCompletionRequest, text: str, finish_reason: str | None) -> tuple[str | None, list[ToolCall]]:
+        """(content, tool calls) of a finished reply's text, by the request's tool choice."""
+        mode = req.tool_mode
+        if mode == "required":
+            calls = parse_required(text) if finish_reason == "stop" else None
+            return (None, calls) if calls else (text, [])
+        if mode == "named":
+            call = ToolCall.make(req.tool_choice.function.name, text) if finish_reason == "stop" else None  # type: ignore[union-attr]
+            return (None, [call]) if call else (text, [])
+        if mode == "auto":
+            parsed = make_tool_parser(self.settings.tool_call_parser).parse(text)  # type: ignore[arg-type]
+            return parsed.content, parsed.tool_calls
+        return text, []
+
+    def _reply(self, req: ChatCompletionRequest, text: str, finish_reason: str | None) -> tuple[ChatResponseMessage, str | None]:
+        """The message of a finished reply and its finish reason ("tool_calls" when it called tools)."""
+        reasoning = None
+        if self.settings.reasoning_parser is not None:
+            parts = make_reasoning_parser(self.settings.reasoning_parser).split(text)
+            reasoning, text = parts.reasoning or None, parts.content
+        content, calls = self._tool_calls(req, text, finish_reason)
+        if reasoning is not None or calls:
+            content = content or None
+        message = ChatResponseMessage(
+            content=content, reasoning=reasoning, reasoning_content=reasoning,
+            tool_calls=[ResponseToolCall(id=c.id, function=ResponseFunctionCall(name=c.name, arguments=c.arguments)) for c in calls],
+        )  # fmt: skip
+        return message, "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
     async def _chat_events(
         self, req: ChatCompletionRequest, model: str, request_id: str, created: int,
@@ -495,6 +604,40 @@ class OpenAIServing:
             return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
 
         cursors = [_Cursor() for _ in range(params.n)]
+        name = self.settings.reasoning_parser
+        parsers = [make_reasoning_parser(name) for _ in range(params.n)] if name else None
+        mode = req.tool_mode
+        tool_streams = [ToolCallStream(make_tool_parser(self.settings.tool_call_parser)) for _ in range(params.n)] if mode == "auto" else None  # type: ignore[arg-type]
+        held = [""] * params.n  # required / named tool replies: sent as calls once they are whole
+
+        def delta(index: int, text: str, finish_reason: str | None) -> tuple[DeltaMessage, str | None]:
+            reasoning, content = "", text
+            if parsers is not None:
+                parts = parsers[index].feed(text)
+                if finish_reason is not None:
+                    rest = parsers[index].finish()
+                    parts = type(parts)(parts.reasoning + rest.reasoning, parts.content + rest.content)
+                reasoning, content = parts.reasoning, parts.content
+            calls: list[ToolCall] = []
+            if tool_streams is not None:
+                content = tool_streams[index].feed(content)
+                if finish_reason is not None:
+                    rest_text, calls = tool_streams[index].finish()
+                    content += rest_text
+            elif mode in ("required", "named"):
+                held[index] += content
+                content = ""
+                if finish_reason is not None:
+                    content, calls = self._tool_calls(req, held[index], finish_reason)
+                    content = content or ""
+            deltas = [
+                DeltaToolCall(index=k, id=c.id, type="function", function=DeltaFunctionCall(name=c.name, arguments=c.arguments))
+                for k, c in enumerate(calls)
+            ]  # fmt: skip
+            message = DeltaMessage(content=content or None, reasoning=reasoning or None,
+                                   reasoning_content=reasoning or None, tool_calls=deltas or None)  # fmt: skip
+            return message, "tool_calls" if calls and finish_reason == "stop" else finish_reason
+
         try:
             for i in range(params.n):
                 yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
@@ -509,10 +652,11 @@ class OpenAIServing:
                     new_tokens = t1 > t0 and (req.logprobs or req.return_token_ids)
                     if not (text or finished or new_tokens):
                         continue
+                    message, finish_reason = delta(c.index, text, c.finish_reason if finished else None)
                     yield chunk(ChatStreamChoice(
-                        index=c.index, delta=DeltaMessage(content=text or None),
+                        index=c.index, delta=message,
                         logprobs=self.chat_logprobs(c, t0, t1, req.top_logprobs or 0) if req.logprobs else None,
-                        finish_reason=c.finish_reason if finished else None,
+                        finish_reason=finish_reason,
                         stop_reason=c.stop_reason if finished else None,
                         token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
                     ))  # fmt: skip

@@ -73,7 +73,9 @@ def make_wave(seed: int) -> list[Job]:
     jobs = []
     for _ in range(WAVE):
         prompt = rng.choice(prefixes) + [rng.randrange(3, 512) for _ in range(rng.randint(1, 12))]
-        jobs.append(Job(prompt, rng.randint(8, 40), rng.choice([1, 1, 1, 2]), rng.random() < 0.5))
+        # Outputs long enough that running sequences overlap in time however fast a step is (decode steps of
+        # this tiny model take well under a millisecond), so four of them really outgrow the 12 blocks.
+        jobs.append(Job(prompt, rng.randint(24, 90), rng.choice([1, 1, 1, 2]), rng.random() < 0.5))
     return jobs
 
 
