@@ -342,15 +342,16 @@ def test_clients_hanging_up_under_overload_free_everything(server) -> None:
 
 def test_sigterm_drains_running_and_queued_requests(server) -> None:
     """Last in this file (it stops the server). 4 long streams running (more than the KV cache holds, so they
-    preempt each other) and 6 more queued: on SIGTERM the server stops accepting, finishes all 10 in full, then
-    exits."""
+    preempt each other) and 16 more queued: on SIGTERM the server stops accepting, finishes all 20 in full, then
+    exits. The queue is deep enough to be still waiting when it is checked, however fast decode steps are
+    (4 at a time, four rounds of 60 tokens)."""
     results: dict[int, list[dict[str, Any]]] = {}
     first_output = threading.Barrier(MAX_NUM_SEQS + 1)
     accepted = threading.Semaphore(0)  # released once per stream the server has accepted (headers received)
 
     def max_tokens(i: int) -> int:
         # The running ones, preempting each other, outlast the few milliseconds until the queued ones arrive.
-        return MAX_MODEL_LEN - 16 if i < MAX_NUM_SEQS else 20
+        return MAX_MODEL_LEN - 16 if i < MAX_NUM_SEQS else 60
 
     def stream(i: int) -> None:
         body = {"prompt": f"drain {i}", "max_tokens": max_tokens(i), "temperature": 0, "ignore_eos": True,
@@ -370,7 +371,7 @@ def test_sigterm_drains_running_and_queued_requests(server) -> None:
     for t in threads:
         t.start()
     first_output.wait(60)
-    threads += [threading.Thread(target=stream, args=(i,)) for i in range(MAX_NUM_SEQS, MAX_NUM_SEQS + 6)]
+    threads += [threading.Thread(target=stream, args=(i,)) for i in range(MAX_NUM_SEQS, MAX_NUM_SEQS + 16)]
     for t in threads[MAX_NUM_SEQS:]:
         t.start()
     for _ in threads:
