@@ -15,6 +15,8 @@ For each backend importable in this interpreter (``--backends`` picks among them
 * smoke: ``--samples`` random outputs per grammar, drawn among the allowed tokens until the matcher takes a
   stop token, decoded and checked (json.loads + jsonschema, no whitespace outside strings when compact,
   re.fullmatch, choice membership, a small checker for the Lark grammar);
+* strictness: whether a JSON string (plain, with maxLength / minLength, with a pattern) lets a raw control
+  character through (JSON forbids them unescaped);
 * state: rollback of k tokens, rollback past the stop token, fork (deep copy), restoring a preempted
   request by re-accepting its output tokens into a new matcher, and whether compile lets go of the GIL.
 
@@ -238,8 +240,10 @@ class XGrammarBackend:
 
         self.xgr = xgr
         self.version = xgr.__version__ if hasattr(xgr, "__version__") else _dist_version("xgrammar")
+        t0 = pc()
         # vocab_size: the model's logits width; ids past the tokenizer's length are never allowed.
         self.info = xgr.TokenizerInfo.from_huggingface(hf_tokenizer, vocab_size=vocab.size, stop_token_ids=vocab.stop_ids)
+        self.tokenizer_info_s, self.tokenizer_build = pc() - t0, "TokenizerInfo.from_huggingface"
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=True)
         self.single_thread_compiler = xgr.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
         self.batchers: dict[int, Any] = {}
@@ -304,14 +308,18 @@ class LLGuidanceBackend:
         self.llg = llguidance
         self.llgt = llguidance.torch
         self.version = llguidance.__version__
+        t0 = pc()
         if args.llg_tokenizer == "hf":
             # n_vocab: the model's logits width. Every added token counts as special (never matched as text).
             self.tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=vocab.size, eos_token=vocab.stop_ids)
+            self.tokenizer_build = "hf.from_tokenizer"
         else:
             # From the token bytes: linear in the vocabulary, where from_tokenizer is quadratic in the number of
             # added tokens (minutes for 100k+). Added tokens not marked special are text, as in xgrammar.
             self.tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(_ByteTokenizer(hf_tokenizer, vocab)),
                                                     n_vocab=vocab.size, eos_token=vocab.stop_ids)  # fmt: skip
+            self.tokenizer_build = "LLTokenizer(TokenizerWrapper)"
+        self.tokenizer_info_s = pc() - t0
         self.executors: dict[int, Any] = {}
 
     def grammar_text(self, g: Grammar) -> str:
@@ -463,14 +471,16 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 @dataclass
 class Vocab:
-    """What the benchmark itself needs of the tokenizer: each id's bytes, and the 'closer' tokens that the
-    smoke sampler favours half the time so random outputs end (strings, arrays, objects, parentheses)."""
+    """What the benchmark itself needs of the tokenizer: each id's bytes, the 'closer' tokens that the smoke
+    sampler favours so random outputs end (strings, arrays, objects, parentheses), and the whitespace-only
+    tokens it draws less often (a real vocabulary has hundreds, which would otherwise pad JSON forever)."""
 
     hf: Any
     size: int  # the model's logits width
     stop_ids: list[int]
     token_bytes: list[bytes] = field(default_factory=list)
     closers: Any = None  # bool [size]
+    whitespace: Any = None  # bool [size]
 
     def __post_init__(self) -> None:
         import numpy as np
@@ -487,9 +497,10 @@ class Vocab:
             else:
                 self.token_bytes.append(bytes(byte_of[c] for c in piece))
         self.token_bytes += [b""] * (self.size - len(self.token_bytes))
-        closer_set = set(b'"}],)')
+        closer_set, space_set = set(b'"}],:)'), set(b" \t\n\r")
         self.closers = np.array([bool(b) and set(b) <= closer_set for b in self.token_bytes])
         self.closers[self.stop_ids] = True
+        self.whitespace = np.array([bool(b) and set(b) <= space_set for b in self.token_bytes])
 
     def decode(self, ids: Sequence[int]) -> str:
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8")  # strict: invalid UTF-8 is a failure
@@ -592,7 +603,9 @@ def measure_steps(be: Any, compiled: Any, seq: list[int], batch: int, steps: int
 
 
 def measure_apply(apply_fns: dict[str, Callable[[Any, Any], None]], bitmask: Any, vocab_size: int,
-                  repeats: int = 50) -> dict[str, Any]:  # fmt: skip
+                  rounds: int = 30) -> dict[str, Any]:  # fmt: skip
+    """Each way of applying ``bitmask`` to [rows, vocab_size] float32 logits, checked against the reference and
+    timed in interleaved rounds (so drifting machine noise falls on all of them alike); median ms."""
     import torch
 
     torch.manual_seed(0)
@@ -600,30 +613,34 @@ def measure_apply(apply_fns: dict[str, Callable[[Any, Any], None]], bitmask: Any
     ref = logits.clone()
     apply_bitmask_torch(ref, bitmask)
     out: dict[str, Any] = {}
+    work = logits.clone()
+    fns = {}
     for name, fn in apply_fns.items():
-        work = logits.clone()
+        work.copy_(logits)
         t0 = pc()
         try:
             fn(work, bitmask)  # first call: torch.compile's compile for llguidance's kernel
         except Exception as exc:  # noqa: BLE001 - e.g. inductor without a C++ compiler
             out[name] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
             continue
-        first = pc() - t0
-        same = torch.equal(work, ref)
-        times = []
-        for _ in range(repeats):
+        out[name] = {"first_ms": (pc() - t0) * 1e3, "same_as_reference": torch.equal(work, ref), "times": []}
+        fns[name] = fn
+    for _ in range(rounds):
+        for name, fn in fns.items():
             work.copy_(logits)
             t0 = pc()
             fn(work, bitmask)
-            times.append(pc() - t0)
-        out[name] = {"ms": statistics.median(times) * 1e3, "first_ms": first * 1e3, "same_as_reference": same}
+            out[name]["times"].append(pc() - t0)
+    for name in fns:
+        out[name]["ms"] = statistics.median(out[name].pop("times")) * 1e3
     return out
 
 
 def smoke(be: Any, compiled: Any, g: Grammar, vocab: Vocab, samples: int, max_tokens: int,
           seed: int) -> dict[str, Any]:  # fmt: skip
-    """Random outputs: each step picks uniformly among the allowed tokens, or (half the time) among the allowed
-    'closer' tokens and stop tokens, until a stop token is accepted or ``max_tokens``."""
+    """Random outputs: each step picks uniformly among the allowed tokens (20%), the allowed tokens that are not
+    only whitespace (40%) or the allowed 'closer' and stop tokens (40%), until a stop token is accepted or
+    ``max_tokens``."""
     import numpy as np
     import torch
 
@@ -639,8 +656,12 @@ def smoke(be: Any, compiled: Any, g: Grammar, vocab: Vocab, samples: int, max_to
             if not len(allowed):
                 result["failures"].append("empty mask")
                 break
-            closers = allowed[vocab.closers[allowed]]
-            pool = closers if len(closers) and rng.random() < 0.5 else allowed
+            if allowed[-1] >= len(vocab.hf):  # the model's padding rows past the tokenizer: never to be sampled
+                result["failures"].append(f"padding id {int(allowed[-1])} allowed")
+                break
+            u = rng.random()
+            pool = allowed[vocab.closers[allowed]] if u < 0.4 else allowed[~vocab.whitespace[allowed]] if u < 0.8 else allowed
+            pool = pool if len(pool) else allowed
             token = int(pool[rng.integers(len(pool))])
             if not be.accept(m, token):
                 result["failures"].append(f"allowed token {token} refused")
@@ -727,6 +748,26 @@ def state_checks(be: Any, compiled: Any, seq: list[int], words: int) -> dict[str
 STATE_GRAMMARS = ("json:nested", "lark:arith")
 
 
+def control_char_probe(be: Any, hf: Any, vocab: Vocab) -> dict[str, Any]:
+    """JSON forbids raw U+0000-U+001F in strings: after '"a', may the mask allow the single-byte token 0x1B (ESC)?
+    Asked of a plain string, strings with maxLength / minLength, and one with a pattern."""
+    import torch
+
+    esc = next((i for i, b in enumerate(vocab.token_bytes) if b == b"\x1b"), None)
+    if esc is None:
+        return {"error": "no single-byte 0x1B token"}
+    out = {}
+    bitmask = torch.empty((1, (vocab.size + 31) // 32), dtype=torch.int32)
+    for label, schema in (("string", {"type": "string"}), ("maxLength", {"type": "string", "maxLength": 30}),
+                          ("minLength", {"type": "string", "minLength": 1}), ("pattern", {"type": "string", "pattern": "^a.*$"})):  # fmt: skip
+        m = be.matcher(be.compile(Grammar("probe", "json", schema, "", compact=True)))
+        for t in hf.encode('"a', add_special_tokens=False):
+            be.accept(m, t)
+        be.fill_row(m, bitmask, 0)
+        out[label] = _bit(bitmask, 0, esc)
+    return out
+
+
 def _mode_name(threads: int) -> str:
     return "row by row" if threads == 0 else f"batch API x{threads}"
 
@@ -741,11 +782,11 @@ def _guarded(fn: Callable[..., dict[str, Any]], *args: Any) -> dict[str, Any]:
 def run_backend(name: str, args: argparse.Namespace, hf: Any, vocab: Vocab) -> dict[str, Any]:
     print(f"[{name}] tokenizer info ...", file=sys.stderr, flush=True)
     gc.collect()
-    rss0, t0 = _rss_mib(), pc()
+    rss0 = _rss_mib()
     be = BACKENDS[name](hf, vocab, args.threads, args)
     res: dict[str, Any] = {
-        "backend": name, "version": be.version, "tokenizer_info_ms": (pc() - t0) * 1e3,
-        "tokenizer_info_rss_mib": _rss_mib() - rss0, "grammars": {},
+        "backend": name, "version": be.version, "tokenizer_build": be.tokenizer_build,
+        "tokenizer_info_ms": be.tokenizer_info_s * 1e3, "tokenizer_info_rss_mib": _rss_mib() - rss0, "grammars": {},
     }  # fmt: skip
     words = (vocab.size + 31) // 32
     fill_modes = list(dict.fromkeys([1, args.threads, 0]))  # batch API on 1 and on N threads, row by row
@@ -782,6 +823,7 @@ def run_backend(name: str, args: argparse.Namespace, hf: Any, vocab: Vocab) -> d
              "numpy unpackbits (ours)": apply_bitmask_numpy},  # fmt: skip
             bitmask_for_apply, vocab.size,
         )
+    res["raw_control_char_in_json_string"] = _guarded(control_char_probe, be, hf, vocab)
     nested = next((g for g in grammars if g.name == "json:nested"), None)
     if nested is not None:
         res["gil_during_compile"] = _gil_stall(be.compile_work(nested), seconds=args.gil_seconds)
@@ -812,8 +854,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
     names = [r["backend"] for r in results]
     ratio = len(results) == 2
     print(f"\ntokenizer {meta['tokenizer']}: {meta['tokenizer_len']} tokens, model vocab {meta['vocab_size']}, "
-          f"stop ids {meta['stop_ids']}; llguidance tokenizer {meta.get('llg_tokenizer', 'hf')}; batch {meta['batch']}, "
-          f"{meta['steps']} steps, threads {meta['threads']}, "
+          f"stop ids {meta['stop_ids']}; batch {meta['batch']}, {meta['steps']} steps, threads {meta['threads']}, "
           f"torch {meta['torch']}, {meta['cpu']}")  # fmt: skip
 
     def pair(get: Callable[[dict[str, Any]], Any], digits: int = 2) -> list[str]:
@@ -835,6 +876,7 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
     head = ["", *names] + ([f"{names[1]} / {names[0]}"] if ratio else [])
     rows = [
         ["version", *pair(lambda r: r["version"])],
+        ["tokenizer info built by", *pair(lambda r: r.get("tokenizer_build"))],
         ["tokenizer info ms (once per tokenizer)", *pair(lambda r: r["tokenizer_info_ms"])],
         ["tokenizer info RSS MiB", *pair(lambda r: r["tokenizer_info_rss_mib"])],
         ["compile ms, cold (mean over grammars)", *pair(mean_over(lambda g: g["compile_ms"]))],
@@ -849,6 +891,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
     for k in sorted({k for r in results for k in r.get("apply", {})}, key=lambda k: ("ours" in k, k)):
         rows.append([f"apply [{meta['batch']}, {meta['vocab_size']}] f32 ms: {k}",
                      *pair(lambda r, k=k: r.get("apply", {}).get(k, {}).get("ms"), 2)])  # fmt: skip
+    for k in ("string", "maxLength", "minLength", "pattern"):
+        rows.append([f"raw ESC allowed in a JSON string ({k})", *pair(lambda r, k=k: r.get("raw_control_char_in_json_string", {}).get(k))])
     rows.append(["json:nested compile, 1 thread, ms", *pair(lambda r: r.get("gil_during_compile", {}).get("call_ms"))])
     rows.append(["  longest main-thread GIL stall meanwhile ms",
                  *pair(lambda r: r.get("gil_during_compile", {}).get("max_stall_ms"))])  # fmt: skip
@@ -872,7 +916,8 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
 
     def smoke_cell(g: dict[str, Any]) -> str:
         sm = g["smoke"]
-        return f"{sm['valid']}/{sm['valid'] + sm['invalid'] + sm['unterminated']}"
+        cell = f"{sm['valid']}/{sm['valid'] + sm['invalid'] + sm['unterminated']}"
+        return cell + (f" ({sm['unterminated']} unterminated)" if sm["unterminated"] else "")
 
     per_grammar([
         ("compile ms", lambda g: g["compile_ms"], 2), ("2nd req ms", lambda g: g["second_request_ms"], 3),
@@ -894,6 +939,9 @@ def report(results: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
             st = g.get("state") or {}
             problems += [f"{r['backend']} {gname} state {k}: {v}" for k, v in st.items()
                          if k == "error" or (k.endswith("_ok") and v is not True)]  # fmt: skip
+        for k, v in r.get("raw_control_char_in_json_string", {}).items():
+            if v is not False:
+                problems.append(f"{r['backend']} JSON string ({k}): raw control character allowed" if v is True else f"{r['backend']} control-char probe: {v}")
         for k, a in r.get("apply", {}).items():
             if "error" in a or not a["same_as_reference"]:
                 problems.append(f"{r['backend']} apply {k}: {a.get('error', 'differs from the reference')}")
@@ -916,7 +964,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--repeats", type=int, default=3, help="cold compiles per grammar (median)")
     p.add_argument("--samples", type=int, default=8, help="smoke outputs per grammar")
-    p.add_argument("--max-tokens", type=int, default=400)
+    p.add_argument("--max-tokens", type=int, default=600)
     p.add_argument("--gil-seconds", type=float, default=1.0, help="length of the GIL probe")
     p.add_argument("--grammars", nargs="*", help="only grammars whose name contains one of these")
     p.add_argument("--llg-tokenizer", choices=("hf", "bytes"), default="hf",
@@ -956,7 +1004,7 @@ def main() -> int:
     stop_ids = sorted({*(eos if isinstance(eos, list) else [eos if eos is not None else hf.eos_token_id])})
     vocab = Vocab(hf, vocab_size, stop_ids)
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    meta = {"tokenizer": str(args.tokenizer), "llg_tokenizer": args.llg_tokenizer, "tokenizer_len": len(hf), "vocab_size": vocab_size,
+    meta = {"tokenizer": str(args.tokenizer), "tokenizer_len": len(hf), "vocab_size": vocab_size,
             "stop_ids": stop_ids, "batch": args.batch, "steps": args.steps, "threads": args.threads,
             "torch": torch.__version__, "cpu": f"{cpu}, {os.cpu_count()} CPUs"}  # fmt: skip
 

@@ -90,7 +90,9 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
-        self._tokenizer: Any = None  # llguidance's view of the tokenizer, built on first use (~1 s)
+        # llguidance's view of the tokenizer, built on first use: 1-4 s for real vocabularies, but quadratic in
+        # added tokens (minutes for one with ~150k of them; building it from token bytes is the known fix)
+        self._tokenizer: Any = None
         self._cache: OrderedDict[StructuredOutputsParams, CompiledGrammar] = OrderedDict()
 
     def _ll_tokenizer(self) -> Any:
