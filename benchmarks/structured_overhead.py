@@ -35,8 +35,8 @@ SCHEMAS = {
 }  # fmt: skip
 
 
-def compile_times(tokenizer_path: str, vocab: int) -> tuple[float, dict[str, float], object]:
-    """(seconds to build llguidance's view of the tokenizer, cold compile seconds per schema, that view)."""
+def compile_times(tokenizer_path: str, vocab: int) -> tuple[float, dict[str, float]]:
+    """(seconds to build llguidance's view of the tokenizer, cold compile seconds per schema)."""
     from nanoserve.engine.llm_engine import load_tokenizer
     from nanoserve.engine.structured_output import GrammarCompiler
     from nanoserve.sampling_params import StructuredOutputsParams
@@ -44,42 +44,55 @@ def compile_times(tokenizer_path: str, vocab: int) -> tuple[float, dict[str, flo
     tokenizer = load_tokenizer(tokenizer_path)
     compiler = GrammarCompiler(tokenizer, vocab, set())
     t = time.perf_counter()
-    view = compiler._ll_tokenizer()
+    compiler.prepare()
     tokenizer_s = time.perf_counter() - t
     times = {}
     for name, schema in SCHEMAS.items():
-        compiler._cache.clear()  # cold: the grammar is built again
+        compiler.clear_cache()  # cold: the grammar is built again
         t = time.perf_counter()
         compiler.matcher(compiler.compile(StructuredOutputsParams(json=schema, disable_any_whitespace=True)))
         times[name] = time.perf_counter() - t
-    return tokenizer_s, times, view
+    return tokenizer_s, times
 
 
-def step_times(model: str, constrained: bool, steps: int, rows: int, view: object) -> tuple[list[float], dict[str, float]]:
+def _timed(owner: type, name: str, totals: dict[str, float], key: str, static: bool = False):
+    """Wrap ``owner.name`` to add its wall time to ``totals[key]``; returns the function that undoes it."""
+    original = owner.__dict__[name]
+    fn = original.__func__ if static else original
+
+    def timed(*args, **kwargs):
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[key] += time.perf_counter() - t
+
+    setattr(owner, name, staticmethod(timed) if static else timed)
+    return lambda: setattr(owner, name, original)
+
+
+def step_times(model: str, constrained: bool, steps: int, rows: int) -> tuple[list[float], dict[str, float]]:
     """Wall time of each of ``steps`` engine steps with ``rows`` sequences decoding (after their prefill), and
     the sampler's grammar work in them."""
     from nanoserve.config import EngineConfig
     from nanoserve.engine.llm_engine import LLMEngine
-    from nanoserve.layers import sampler as sampler_module
+    from nanoserve.engine.structured_output import GrammarMatcher
+    from nanoserve.layers.sampler import Sampler
     from nanoserve.sampling_params import SamplingParams, StructuredOutputsParams
 
     config = EngineConfig.create(model, max_model_len=1024, kv_cache_memory="2GiB", enable_prefix_caching=False)
     engine = LLMEngine(config)
-    engine.grammars._tokenizer = view  # built once above (it is the slow part: see the figure printed first)
+    engine.grammars.prepare()  # before the timed steps, as a server does at start-up
     spec = StructuredOutputsParams(json=SCHEMAS["long string"], disable_any_whitespace=True) if constrained else None
     for i in range(rows):
         params = SamplingParams(temperature=1.0, seed=i, max_tokens=steps + 8, ignore_eos=True, structured_outputs=spec)
         engine.add_request(f"r{i}", [100 + i, 200 + i, 300 + i, 400 + i], params)
-    grammar_s = {"fill": 0.0, "apply": 0.0}
-    if constrained:  # time the two halves of the sampler's grammar work
-        original_apply = sampler_module.apply_token_bitmask
-
-        def timed_apply(logits, bitmask):
-            t = time.perf_counter()
-            original_apply(logits, bitmask)
-            grammar_s["apply"] += time.perf_counter() - t
-
-        sampler_module.apply_token_bitmask = timed_apply
+    grammar_s = {"sampler": 0.0, "fill": 0.0, "advance": 0.0}
+    patches = []
+    if constrained:  # time the grammar work where it happens: the sampler (mask fill + apply), the matchers
+        patches = [_timed(Sampler, "_apply_grammars", grammar_s, "sampler", static=True),
+                   _timed(GrammarMatcher, "fill_bitmask", grammar_s, "fill"),
+                   _timed(GrammarMatcher, "accept", grammar_s, "advance")]  # fmt: skip
     engine.step()  # every prefill
     times = []
     try:
@@ -89,8 +102,8 @@ def step_times(model: str, constrained: bool, steps: int, rows: int, view: objec
             times.append(time.perf_counter() - t)
             assert engine.stats.last_step_running == rows
     finally:
-        if constrained:
-            sampler_module.apply_token_bitmask = original_apply
+        for undo in patches:
+            undo()
         engine.shutdown()
     return times, grammar_s
 
@@ -107,19 +120,21 @@ def main() -> None:
     from transformers import AutoConfig
 
     vocab = AutoConfig.from_pretrained(model).vocab_size
-    tok_s, compiles, view = compile_times(model, vocab)
+    tok_s, compiles = compile_times(model, vocab)
     print(f"llguidance tokenizer view (once per tokenizer): {tok_s * 1e3:.0f} ms", flush=True)
     for name, s in compiles.items():
         print(f"compile {name:12s}: {s * 1e3:7.1f} ms")
-    free, _ = step_times(model, False, args.steps, args.rows, view)
-    constrained, parts = step_times(model, True, args.steps, args.rows, view)
+    free, _ = step_times(model, False, args.steps, args.rows)
+    constrained, parts = step_times(model, True, args.steps, args.rows)
     f, c = statistics.median(free), statistics.median(constrained)
     print(f"{args.rows} rows, {args.steps} decode steps each, vocabulary {vocab}")
     print(f"  unconstrained step: median {f * 1e3:.1f} ms")
     print(f"  JSON schema step:   median {c * 1e3:.1f} ms  (+{(c / f - 1) * 100:.1f} %)")
-    apply_ms = parts["apply"] / args.steps * 1e3
-    print(f"  of which mask apply {apply_ms:.2f} ms/step; mask fill + matcher advance the rest of the difference")
-
+    per_step = {k: v / args.steps * 1e3 for k, v in parts.items()}
+    print(f"  grammar work per step: mask fill {per_step['fill']:.2f} ms, mask apply "
+          f"{per_step['sampler'] - per_step['fill']:.2f} ms, matcher advance {per_step['advance']:.2f} ms; "
+          f"the rest of the difference ({(c - f) * 1e3 - per_step['sampler'] - per_step['advance']:.2f} ms) is "
+          "noise and bookkeeping")  # fmt: skip
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)
+    # With SamplingParams.prompt_logprobs: per prompt token, its log-probability and the top-k (None for the
+    # first token, which nothing precedes). A delta output carries them once, with the first token.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
 
     def add(self, later: RequestOutput) -> None:
         """Merge ``later`` (a delta output of the same request) into this delta, in place: what a consumer
@@ -55,5 +58,7 @@ class RequestOutput:
             mine.cumulative_logprob = c.cumulative_logprob
             mine.finish_reason, mine.stop_reason = c.finish_reason, c.stop_reason
         self.finished = later.finished
+        if later.prompt_logprobs is not None:
+            self.prompt_logprobs = later.prompt_logprobs
         self.num_cached_tokens = later.num_cached_tokens
         self.metrics = later.metrics

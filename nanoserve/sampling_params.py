@@ -104,6 +104,9 @@ class SamplingParams:
     ignore_eos: bool = False
     seed: int | None = None
     logprobs: int | None = None
+    # Log-probabilities of the prompt's own tokens (each given the ones before it) and the top-k at each
+    # position: vLLM's prompt_logprobs. The first prompt token has none.
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -172,6 +175,10 @@ class SamplingParams:
             _check_int(self.logprobs, "logprobs")
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 fail("logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.logprobs}")
+        if self.prompt_logprobs is not None:
+            _check_int(self.prompt_logprobs, "prompt_logprobs")
+            if not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+                fail("prompt_logprobs", f"must be between 0 and {MAX_LOGPROBS}, got {self.prompt_logprobs}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check_number(value, name)

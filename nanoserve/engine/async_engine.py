@@ -245,6 +245,15 @@ class AsyncLLMEngine:
             raise RuntimeError("AsyncLLMEngine.start() called twice")
         self._thread = threading.Thread(target=self._run, name="nanoserve-engine", daemon=True)
         self._thread.start()
+        # The grammar library's view of the tokenizer (about a second for a 150k vocabulary), built now so the
+        # first constrained request does not wait for it; a tokenizer it cannot read errors on that request.
+        threading.Thread(target=self._prepare_grammars, name="nanoserve-grammars", daemon=True).start()
+
+    def _prepare_grammars(self) -> None:
+        try:
+            self.engine.grammars.prepare()
+        except ValueError as exc:
+            logger.info("%s", exc)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the engine thread (failing any request still in flight) and release the executor's workers.

@@ -20,7 +20,7 @@ from nanoserve.distributed.kv_agreement import KVCacheInfo
 from nanoserve.engine.output_processor import OutputProcessor, ProcessedStep, RequestState
 from nanoserve.engine.scheduler import Scheduler, SchedulerLimits
 from nanoserve.engine.sequence import Sequence
-from nanoserve.engine.step import SchedulerOutput, StepInput
+from nanoserve.engine.step import RunnerOutput, SchedulerOutput, StepInput
 from nanoserve.engine.structured_output import GrammarCompiler
 from nanoserve.kvcache.block_manager import BlockManager
 from nanoserve.layers.sampler import Sampler
@@ -216,9 +216,10 @@ class LLMEngine:
         """Schedule, run, sample, apply. Returns outputs of the requests that changed (by their output kind)."""
         out = self.scheduler.schedule()
         sampling = out.sampling_seqs
-        logits = self.executor.execute(out.step_input()).logits if out.chunks or out.released_seq_ids else None
-        sampled = self.sampler(logits, sampling) if sampling else None
+        ran = self.executor.execute(out.step_input()) if out.chunks or out.released_seq_ids else RunnerOutput()
+        sampled = self.sampler(ran.logits, sampling) if sampling else None
         advanced = self.scheduler.update_from_output(out, sampled.token_ids if sampled else [])
+        self.output_processor.add_prompt_logprobs(ran.prompt_logprobs, out.seqs)
         done = self.output_processor.process(advanced, sampled.logprobs if sampled else None, out.out_of_capacity)
         self.scheduler.finish_seqs(done.finished)
         self._end_requests(done)

@@ -29,7 +29,7 @@ from typing import Any
 
 from nanoserve.engine.detokenizer import DetokenizerState, find_stop_string
 from nanoserve.engine.sequence import Sequence
-from nanoserve.engine.step import Finish
+from nanoserve.engine.step import Finish, PromptLogprobs
 from nanoserve.outputs import CompletionOutput, Logprob, RequestOutput
 from nanoserve.sampling_params import RequestOutputKind, SamplingParams
 
@@ -157,6 +157,20 @@ class RequestState:
     arrival_time: float
     first_token_time: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    # prompt_logprobs: one entry per prompt token, None for the first; filled chunk by chunk.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    prompt_logprobs_sent: bool = False
+
+    def prompt_logprobs_output(self) -> list[dict[int, Logprob] | None] | None:
+        """The prompt log-probabilities once all are in (a delta output carries them once)."""
+        lps = self.prompt_logprobs
+        if lps is None or len(lps) < len(self.prompt_token_ids):
+            return None
+        if self.params.output_kind is RequestOutputKind.DELTA:
+            if self.prompt_logprobs_sent:
+                return None
+            self.prompt_logprobs_sent = True
+        return lps
 
     @property
     def finished(self) -> bool:
@@ -192,7 +206,27 @@ class OutputProcessor:
             )
             for seq in seqs
         ]  # fmt: skip
-        self.requests[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, samples, arrival_time)
+        self.requests[request_id] = RequestState(
+            request_id, prompt, prompt_token_ids, params, samples, arrival_time,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )  # fmt: skip
+
+    def add_prompt_logprobs(self, pieces: list[PromptLogprobs], scheduled: list[Sequence]) -> None:
+        """Append a step's prompt log-probabilities (``pieces``, from the chunks of ``scheduled`` that asked) to
+        their requests; a request aborted while the step ran is gone and takes none."""
+        if not pieces:
+            return
+        by_id = {seq.seq_id: seq for seq in scheduled}
+        for piece in pieces:
+            state = self.requests.get(by_id[piece.seq_id].request_id)
+            if state is None or state.prompt_logprobs is None:
+                continue
+            assert len(state.prompt_logprobs) == piece.start + 1, "prompt log-probabilities arrived out of order"
+            for j, lp in enumerate(piece.token_logprobs):
+                token = state.prompt_token_ids[piece.start + 1 + j]
+                entry = {t: Logprob(v, r + 1) for r, (t, v) in enumerate(zip(piece.top_ids[j], piece.top_logprobs[j]))}
+                entry[token] = Logprob(lp, piece.token_ranks[j])
+                state.prompt_logprobs.append(entry)
 
     # ---- a step --------------------------------------------------------------------------------------
     def process(
@@ -296,6 +330,7 @@ class OutputProcessor:
                     finished=finished,
                     num_cached_tokens=state.samples[0].seq.num_cached_prompt_tokens,
                     metrics=dict(state.metrics),
+                    prompt_logprobs=state.prompt_logprobs_output(),
                 )
             )
         return outputs, done

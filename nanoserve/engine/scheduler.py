@@ -144,6 +144,10 @@ class Scheduler:
                     i += 1
                     continue
             reused = bm.find_cached_prefix(seq)
+            if seq.prompt_logprobs_pending:
+                # A cached prefix has no hidden states to read log-probabilities from: reuse only blocks whose
+                # positions have given theirs already (none at first admission), as vLLM does.
+                reused = reused[: seq.num_prompt_logprobs // bm.block_size]
             shareable = (seq.num_prompt_tokens - 1) // bm.block_size
             if (
                 sibling is not None
@@ -187,6 +191,15 @@ class Scheduler:
             sample=start + num_new == len(seq.token_ids),
         )
         seq.num_blocks_sent = len(seq.block_ids)
+        if seq.prompt_logprobs_pending:
+            # Positions num_prompt_logprobs.. of this chunk that precede a prompt token (the prompt's last
+            # position precedes the first sampled token, which has logprobs of its own).
+            first, end = seq.num_prompt_logprobs, min(start + num_new, seq.num_prompt_tokens - 1)
+            assert start <= first, "a prompt position was skipped before its log-probabilities were computed"
+            if first < end:
+                chunk.prompt_logprobs_targets = seq.token_ids[first + 1 : end + 1]
+                chunk.logprobs_start = first
+                chunk.prompt_logprobs_k = seq.params.prompt_logprobs
         return chunk
 
     def update_from_output(self, output: SchedulerOutput, sampled_token_ids: list[int]) -> list[Sequence]:
@@ -201,6 +214,8 @@ class Scheduler:
             if seq.is_finished or seq.status is not SequenceStatus.RUNNING:
                 continue  # aborted while the step ran
             seq.num_computed_tokens += len(chunk.token_ids)
+            if chunk.prompt_logprobs_targets:
+                seq.num_prompt_logprobs = chunk.logprobs_start + len(chunk.prompt_logprobs_targets)
             bm.cache_full_blocks(seq)
             if not chunk.sample:
                 continue

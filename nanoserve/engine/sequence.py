@@ -37,6 +37,9 @@ class Sequence:
     num_hashed_blocks: int = 0  # block manager's cursor: blocks of block_ids already offered to the cache
     num_cached_prompt_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
     num_preemptions: int = 0
+    # Prompt positions whose next-token log-probabilities are computed (prompt_logprobs): positions 0..n-1 gave
+    # the log-probabilities of prompt tokens 1..n. Kept through preemption, so none is computed twice.
+    num_prompt_logprobs: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
     first_sibling: Sequence | None = None  # sample 0 of the same request, whose prompt blocks we share
@@ -53,6 +56,15 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def prompt_logprobs_pending(self) -> bool:
+        """This sequence still owes prompt log-probabilities (only sample 0 of a request computes them)."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.first_sibling is None
+            and self.num_prompt_logprobs < self.num_prompt_tokens - 1
+        )
 
     @property
     def is_finished(self) -> bool:

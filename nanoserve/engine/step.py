@@ -28,6 +28,11 @@ class ScheduledChunk:
     block_ids: list[int]  # blocks appended since the last message (the whole table when ``reset``)
     reset: bool  # the runner has no table for this sequence (new, or back from preemption)
     sample: bool  # the chunk ends the sequence's known tokens: sample the next one from its last position
+    # prompt_logprobs: the log-probabilities of these tokens, each at the position before it, from the chunk's
+    # rows from position ``logprobs_start`` on (``prompt_logprobs_k`` top tokens with each).
+    prompt_logprobs_targets: list[int] | None = None
+    logprobs_start: int = 0
+    prompt_logprobs_k: int = 0
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,27 @@ class StepInput:
 
 
 @dataclass
+class PromptLogprobs:
+    """Prompt log-probabilities of one chunk (rank 0): for the prompt tokens at positions ``start + 1`` on, each
+    one's log-probability and rank under the model, and the ``k`` most likely tokens there."""
+
+    seq_id: int
+    start: int
+    token_logprobs: list[float]
+    token_ranks: list[int]
+    top_ids: list[list[int]]
+    top_logprobs: list[list[float]]
+
+
+@dataclass
 class RunnerOutput:
     """What rank 0's runner returns: logits [num_sampling_chunks, vocab] in chunk order (None when no chunk
-    samples), and, when asked, every rank's number of block tables."""
+    samples), the prompt log-probabilities the chunks asked for, and, when asked, every rank's number of block
+    tables."""
 
     logits: Any = None  # torch.Tensor | None
     num_block_tables: list[int] | None = None
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)

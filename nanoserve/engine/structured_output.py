@@ -90,22 +90,32 @@ class GrammarCompiler:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._lock = threading.Lock()
-        # llguidance's view of the tokenizer, built on first use: 1-4 s for real vocabularies, but quadratic in
-        # added tokens (minutes for one with ~150k of them; building it from token bytes is the known fix)
+        # llguidance's view of the tokenizer (build_ll_tokenizer), built on first use or by prepare()
         self._tokenizer: Any = None
         self._cache: OrderedDict[StructuredOutputsParams, CompiledGrammar] = OrderedDict()
 
     def _ll_tokenizer(self) -> Any:
         with self._lock:
             if self._tokenizer is None:
-                ll = _llguidance()
                 try:
-                    self._tokenizer = ll.hf.from_tokenizer(
-                        self._hf_tokenizer, n_vocab=self.vocab_size, eos_token=self._eos or None
-                    )
+                    self._tokenizer = build_ll_tokenizer(self._hf_tokenizer, self.vocab_size, self._eos)
                 except Exception as exc:  # a slow (non-fast) tokenizer, or one llguidance cannot read
                     raise ValueError(f"structured outputs are not available for this tokenizer: {exc}") from None
             return self._tokenizer
+
+    def prepare(self) -> None:
+        """Build llguidance's view of the tokenizer now (a server calls this at start-up, so the first
+        constrained request does not wait for it)."""
+        self._ll_tokenizer()
+
+    def cached(self, spec: StructuredOutputsParams) -> bool:
+        """Whether ``spec``'s grammar is already built (benchmarks use this to time a cold compile)."""
+        with self._lock:
+            return spec in self._cache
+
+    def clear_cache(self) -> None:
+        with self._lock:
+            self._cache.clear()
 
     def compile(self, spec: StructuredOutputsParams) -> CompiledGrammar:
         """The validated grammar of ``spec`` (cached); ValueError naming the field if it is invalid."""
@@ -132,6 +142,74 @@ class GrammarCompiler:
     def matcher(compiled: CompiledGrammar) -> GrammarMatcher:
         """A new sequence's matcher, at the grammar's start."""
         return GrammarMatcher(compiled.prototype.deep_copy())
+
+
+def build_ll_tokenizer(tokenizer: Any, vocab_size: int, eos_token_ids: list[int]) -> Any:
+    """llguidance's view of a Hugging Face tokenizer, whose ids run up to ``vocab_size`` (the logits width).
+
+    For byte-level BPE tokenizers (GPT-2's alphabet: Qwen, Llama 3, the test tokenizers) it is built from each
+    id's bytes, which takes time linear in the vocabulary; ``llguidance.hf.from_tokenizer`` is quadratic in the
+    number of added tokens (measured: 1.1 s against 212 s with 147k of them). Other tokenizers (SentencePiece's
+    ``▁`` and ``<0x0A>`` pieces) go through ``from_tokenizer``, which knows their decoders."""
+    ll = _llguidance()
+    token_bytes = _byte_level_token_bytes(tokenizer, vocab_size)
+    if token_bytes is None:
+        return ll.hf.from_tokenizer(tokenizer, n_vocab=vocab_size, eos_token=eos_token_ids or None)
+    special = [i for i, t in tokenizer.added_tokens_decoder.items() if t.special and i < vocab_size]
+    view = _TokenBytes(tokenizer, token_bytes, eos_token_ids[0] if eos_token_ids else tokenizer.eos_token_id, special)
+    return ll.LLTokenizer(ll.TokenizerWrapper(view), n_vocab=vocab_size, eos_token=eos_token_ids or None)
+
+
+def _gpt2_byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char -> byte: printable bytes stand for themselves, the other 68 map to
+    chr(256 + n) in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _byte_level_token_bytes(tokenizer: Any, vocab_size: int) -> list[bytes] | None:
+    """Each id's bytes (b"" past the tokenizer's end), or None if the tokenizer is not byte-level BPE."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or type(backend.decoder).__name__ != "ByteLevel":
+        return None
+    alphabet = _gpt2_byte_alphabet()
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    vocab = {i: piece for piece, i in backend.get_vocab(with_added_tokens=False).items()}
+    token_bytes = []
+    for i in range(vocab_size):
+        if i in added:
+            token_bytes.append(added[i].encode())
+        elif i in vocab:
+            piece = vocab[i]
+            if any(c not in alphabet for c in piece):
+                return None  # not GPT-2's alphabet after all
+            token_bytes.append(bytes(alphabet[c] for c in piece))
+        else:
+            token_bytes.append(b"")  # padding rows of the embedding: never allowed
+    return token_bytes
+
+
+class _TokenBytes:
+    """What ``llguidance.TokenizerWrapper`` reads: each id's bytes, the special ids, and an encoder."""
+
+    def __init__(self, tokenizer: Any, tokens: list[bytes], eos_token_id: int, special: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self.tokens = tokens
+        self.eos_token_id = eos_token_id
+        self.bos_token_id = None
+        self.special_token_ids = special
+
+    def __call__(self, text: str | bytes) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tokenizer.encode(text, add_special_tokens=False)
 
 
 _WHAT = {"json": "JSON schema", "json_object": "JSON", "regex": "regular expression", "choice": "choice",

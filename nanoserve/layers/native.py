@@ -128,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "add_rms_norm_f32": [ptr, i64, ptr, ptr, f32, i64, i64, ptr],
         "qk_norm_rope_store_f32": [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
         "silu_mul_f32": [ptr, i64, i64, ptr],
+        "apply_token_bitmask_f32": [ptr, i64, ptr, i64, ptr, i64, i64],
         "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, ptr],
         "packed_gemv_f32": [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
         "q_linear_f32": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
@@ -212,6 +213,17 @@ def silu_mul(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((t, two_i // 2), dtype=gate_up.dtype)
     lib.silu_mul_f32(gate_up.data_ptr(), t, two_i // 2, out.data_ptr())
     return out
+
+
+def apply_token_bitmask(lib: ctypes.CDLL, logits: torch.Tensor, rows: list[int], bitmask: torch.Tensor) -> None:
+    """``logits[rows[j], t] = -inf`` ([N, V] float32 on CPU, rows contiguous; in place) wherever bit t of
+    ``bitmask[j]`` ([len(rows), ceil(V / 32)] int32, contiguous) is 0."""
+    assert logits.stride(1) == 1 and bitmask.is_contiguous() and bitmask.dtype == torch.int32
+    assert bitmask.shape[0] == len(rows) and bitmask.shape[1] * 32 >= logits.shape[1]
+    index = torch.tensor(rows, dtype=torch.int64)
+    assert len(rows) == 0 or 0 <= int(index.min()) and int(index.max()) < logits.shape[0]
+    lib.apply_token_bitmask_f32(logits.data_ptr(), logits.stride(0), index.data_ptr(), len(rows),
+                                bitmask.data_ptr(), bitmask.shape[1], logits.shape[1])  # fmt: skip
 
 
 def paged_decode_attention(

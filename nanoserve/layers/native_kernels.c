@@ -142,6 +142,28 @@ void silu_mul_f32(const float *gu, int64_t T, int64_t I, float *out) {
     }
 }
 
+/* Constrained decoding: logits[row[j], t] = -inf wherever bit t of bitmask[j] is 0, for t < vocab.
+   logits:  rows ls floats apart (in place; only the n listed rows are touched)
+   bitmask: [n, words] 32-bit words, bit i of word w = token 32 w + i (llguidance's layout)
+   In place over the listed rows: the torch path (expand 32 bits per word, masked_fill, gather and scatter the
+   rows) cost ~26 ms per step for 32 rows of a 151,936-token vocabulary; this reads each word once and skips
+   the all-allowed ones. */
+void apply_token_bitmask_f32(float *logits, int64_t ls, const int64_t *row, int64_t n, const uint32_t *bitmask,
+                             int64_t words, int64_t vocab) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        float *l = logits + row[j] * ls;
+        const uint32_t *m = bitmask + j * words;
+        for (int64_t w = 0; w < words && w * 32 < vocab; w++) {
+            uint32_t bits = m[w];
+            if (bits == 0xFFFFFFFFu) continue;
+            int64_t base = w * 32, end = base + 32 < vocab ? base + 32 : vocab;
+            for (int64_t t = base; t < end; t++)
+                if (!((bits >> (t - base)) & 1u)) l[t] = -INFINITY;
+        }
+    }
+}
+
 /* Decode attention over a paged cache: out[d] = softmax(scale * q[d] K_d^T) V_d.
    q:                [D, Hq, Dh], rows q_stride floats apart; Dh % 8 == 0
    out:              [D, Hq, Dh] contiguous

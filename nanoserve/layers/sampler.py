@@ -19,6 +19,7 @@ import xxhash
 
 from nanoserve.engine.sequence import Sequence
 from nanoserve.engine.structured_output import apply_token_bitmask
+from nanoserve.layers import native
 from nanoserve.sampling_params import SamplingParams
 
 
@@ -226,6 +227,10 @@ class Sampler:
         bitmask = torch.empty((len(rows), -(-logits.shape[1] // 32)), dtype=torch.int32)  # host: the matchers write it
         for j, i in enumerate(rows):
             seqs[i].grammar.fill_bitmask(bitmask, j)
+        kernels = native.kernels_for(logits.dtype, logits.device)
+        if kernels is not None and logits.stride(1) == 1:
+            native.apply_token_bitmask(kernels, logits, rows, bitmask)  # in place, no gather/scatter of rows
+            return
         index = torch.tensor(rows, device=logits.device)
         masked = logits[index]
         apply_token_bitmask(masked, bitmask)

@@ -11,7 +11,7 @@ import torch
 
 from nanoserve.config import EngineConfig
 from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.engine.step import RunnerOutput, ScheduledChunk, StepInput
+from nanoserve.engine.step import PromptLogprobs, RunnerOutput, ScheduledChunk, StepInput
 from nanoserve.layers import native
 from nanoserve.layers.attention import AttentionMetadata
 from nanoserve.models import shard
@@ -22,6 +22,9 @@ from nanoserve.platform import default_attention_backend, pack_cpu_weights
 from nanoserve.quantization.linear import finish_loading
 
 logger = logging.getLogger(__name__)
+
+# Positions per LM-head call when computing prompt log-probabilities (128 x 151,936 floats: 78 MB).
+PROMPT_LOGPROBS_ROWS = 128
 
 
 class ModelRunner:
@@ -121,12 +124,47 @@ class ModelRunner:
             return RunnerOutput(None, num_tables)
         if fresh:
             self._zero_blocks(fresh)
-        input_ids, positions, meta, sample_rows = self._prepare(step.chunks)
+        input_ids, positions, meta, sample_rows, first_rows = self._prepare(step.chunks)
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
-        return RunnerOutput(logits if self.tp.rank == 0 else None, num_tables)
+        prompt_logprobs = [
+            self._prompt_logprobs(c, hidden, int(first_rows[i]))
+            for i, c in enumerate(step.chunks) if c.prompt_logprobs_targets
+        ]  # fmt: skip
+        if self.tp.rank != 0:
+            return RunnerOutput(None, num_tables)
+        return RunnerOutput(logits, num_tables, prompt_logprobs)
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+    def _prompt_logprobs(self, chunk: ScheduledChunk, hidden: torch.Tensor, first_row: int) -> PromptLogprobs | None:
+        """The chunk's prompt log-probabilities (rank 0; other ranks take part in the LM head's collectives and
+        return None). The LM head runs over PROMPT_LOGPROBS_ROWS positions at a time: a 2,048-token prompt's
+        logits at once would be 2,048 x vocabulary floats (1.2 GB for 151,936)."""
+        targets = chunk.prompt_logprobs_targets
+        k = chunk.prompt_logprobs_k
+        row0 = first_row + chunk.logprobs_start - chunk.start
+        out = PromptLogprobs(chunk.seq_id, chunk.logprobs_start, [], [], [], [])
+        for lo in range(0, len(targets), PROMPT_LOGPROBS_ROWS):
+            hi = min(lo + PROMPT_LOGPROBS_ROWS, len(targets))
+            logits = self.model.compute_logits(hidden[row0 + lo : row0 + hi])
+            if self.tp.rank != 0:
+                continue
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # [n, V]
+            wanted = torch.tensor(targets[lo:hi], device=logprobs.device)
+            chosen = logprobs.gather(1, wanted[:, None])  # [n, 1]
+            out.token_logprobs += chosen.squeeze(1).tolist()
+            out.token_ranks += ((logprobs > chosen).sum(dim=1) + 1).tolist()
+            if k:
+                top_lp, top_ids = logprobs.topk(k, dim=-1)
+                out.top_ids += top_ids.tolist()
+                out.top_logprobs += top_lp.tolist()
+            else:
+                out.top_ids += [[] for _ in range(hi - lo)]
+                out.top_logprobs += [[] for _ in range(hi - lo)]
+        return out if self.tp.rank == 0 else None
+
+    def _prepare(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, np.ndarray]:
         bs = self.block_size
         # Decodes first so attention can batch them; remember where each chunk's last token lands.
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.start > 0]
@@ -165,12 +203,14 @@ class ModelRunner:
                 for j in range(n_dec, len(ordered))
             ],
         )
-        last_token = np.empty(len(chunks), dtype=np.int64)
-        last_token[order] = offsets[1:] - 1
+        first_row = np.empty(len(chunks), dtype=np.int64)  # each chunk's first row in the step's tokens
+        first_row[order] = offsets[:-1]
+        last_token = first_row + np.fromiter((len(c.token_ids) for c in chunks), dtype=np.int64, count=len(chunks)) - 1
         sample_rows = last_token[[i for i, c in enumerate(chunks) if c.sample]]
         return (
             torch.from_numpy(input_ids).to(dev),
             torch.from_numpy(positions).to(dev),
             meta,
             torch.from_numpy(sample_rows).to(dev),
+            first_row,
         )

@@ -80,12 +80,31 @@ class ErrorResponse(BaseModel):
 # ---- shared pieces -----------------------------------------------------------------------------------
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    # vLLM's: every chunk carries the usage so far (with include_usage).
+    continuous_usage_stats: bool = False
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 class UsageInfo(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class PromptLogprob(BaseModel):
+    """One token of a prompt_logprobs entry, as vLLM writes it."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# Per prompt token: token id (as a string) -> its logprob; None for the first token.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 # Settings a checkpoint's generation_config.json may give defaults for (besides max_tokens, which the server
@@ -125,6 +144,8 @@ class SamplingFields(OpenAIModel):
     bad_words: list[str] | None = _documented(maxItems=MAX_STOP_STRINGS, items={"minLength": 1, "maxLength": MAX_BAD_WORD_CHARS})
     # nanoserve/vLLM extension: return the generated token ids with each choice.
     return_token_ids: bool = False
+    # vLLM extension: the log-probability of each prompt token (and the top k there); not with stream.
+    prompt_logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS, description="not with stream")
     # vLLM's constrained decoding fields: ``structured_outputs`` (vLLM >= 0.11) and the older ``guided_*`` names
     # that many clients still send (vLLM dropped them in 0.12).
     structured_outputs: dict[str, Any] | None = _documented(
@@ -166,6 +187,8 @@ class SamplingFields(OpenAIModel):
     def _stream_options_need_stream(self) -> SamplingFields:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs is not available with stream=true (as in vLLM); drop one of them")
         return self
 
     def sampling_params(
@@ -197,6 +220,7 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             seed=self.seed,
             logprobs=logprobs,
+            prompt_logprobs=self.engine_prompt_logprobs(),
             presence_penalty=0.0 if self.presence_penalty is None else self.presence_penalty,
             frequency_penalty=0.0 if self.frequency_penalty is None else self.frequency_penalty,
             skip_special_tokens=self.skip_special_tokens,
@@ -249,9 +273,18 @@ class SamplingFields(OpenAIModel):
         so a server default may apply even where the field has a default of its own (completions' 16)."""
         return not {"max_tokens", "max_completion_tokens"} & self.model_fields_set
 
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many top tokens per prompt position the engine computes (None: no prompt log-probabilities)."""
+        return self.prompt_logprobs
+
     @property
     def include_usage_in_stream(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every streamed chunk carries the usage so far."""
+        return self.include_usage_in_stream and self.stream_options.continuous_usage_stats
 
 
 # apply_chat_template arguments the server itself decides.
@@ -266,7 +299,7 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(json_schema_extra=_prompt_schema)
     # Explicit null means "fill up to max_model_len", as in vLLM.
     max_tokens: int | None = _documented(16, minimum=1)
-    logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS, description="not with echo")
+    logprobs: int | None = _documented(minimum=0, maximum=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = _documented(maxLength=0, description="not supported")
     best_of: int | None = _documented(minimum=1, maximum=MAX_N, description="only equal to n (no best-of sampling)")
@@ -287,6 +320,12 @@ class CompletionRequest(SamplingFields):
         if self.best_of is not None and self.best_of != (self.n or 1):
             raise ValueError("best_of is not supported (it may only equal n)")
         return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        # echo with logprobs: the echoed prompt's tokens get logprobs too, from the prompt log-probabilities.
+        if self.echo and self.logprobs is not None:
+            return max(self.logprobs, self.prompt_logprobs or 0)
+        return self.prompt_logprobs
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: strings or token-id lists."""
@@ -314,6 +353,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     token_ids: list[int] | None = _omit_none()
+    prompt_logprobs: PromptLogprobs | None = _omit_none()
 
 
 class CompletionResponse(BaseModel):
@@ -521,6 +561,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo
+    prompt_logprobs: PromptLogprobs | None = _omit_none()
 
 
 class DeltaMessage(BaseModel):

@@ -46,6 +46,9 @@ from nanoserve.server.protocol import (
     DeltaMessage,
     DeltaToolCall,
     ErrorResponse,
+    PromptLogprob,
+    PromptLogprobs,
+    PromptTokensDetails,
     ResponseFunctionCall,
     ResponseToolCall,
     SamplingFields,
@@ -118,6 +121,12 @@ def _arguments_object(arguments: str | dict[str, Any]) -> Any:
         except json.JSONDecodeError:
             return arguments
     return arguments
+
+
+def _usage_info(prompts: list[EnginePrompt], num_completion: int, num_cached: int) -> UsageInfo:
+    num_prompt = sum(len(p.token_ids) for p in prompts)
+    return UsageInfo(prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion,
+                     prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached))  # fmt: skip
 
 
 def _finite(x: float) -> float:
@@ -392,20 +401,50 @@ class OpenAIServing:
             err = APIError(500, f"{type(exc).__name__}: {exc}", type="internal_server_error")
         return sse(ErrorResponse(error=err.info))
 
-    def _usage(self, prompts: list[EnginePrompt], outputs: Iterable[RequestOutput | None]) -> UsageInfo:
-        num_prompt = sum(len(p.token_ids) for p in prompts)
-        num_completion = sum(len(c.token_ids) for o in outputs if o is not None for c in o.outputs)
-        return UsageInfo(
-            prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion
-        )
+    @staticmethod
+    def _usage(prompts: list[EnginePrompt], outputs: Iterable[RequestOutput | None]) -> UsageInfo:
+        outputs = [o for o in outputs if o is not None]
+        num_completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+        return _usage_info(prompts, num_completion, sum(o.num_cached_tokens for o in outputs))
 
     @staticmethod
-    def _stream_usage(prompts: list[EnginePrompt], cursors: list[list[_Cursor]]) -> UsageInfo:
-        num_prompt = sum(len(p.token_ids) for p in prompts)
-        num_completion = sum(c.tokens_sent for per_prompt in cursors for c in per_prompt)
-        return UsageInfo(
-            prompt_tokens=num_prompt, completion_tokens=num_completion, total_tokens=num_prompt + num_completion
-        )
+    def _stream_usage(prompts: list[EnginePrompt], cursors: list[list[_Cursor]], cached: list[int]) -> UsageInfo:
+        """The usage so far of a stream (all of it, after the last chunk); ``cached``: prefix-cache hits per
+        prompt, as its outputs report them."""
+        return _usage_info(prompts, sum(c.tokens_sent for per_prompt in cursors for c in per_prompt), sum(cached))
+
+    def prompt_logprobs_json(self, entries: list[dict[int, Logprob] | None] | None) -> PromptLogprobs | None:
+        """An output's prompt log-probabilities as vLLM writes them: per prompt token, token id -> its logprob,
+        rank and text; None for the first token."""
+        if entries is None:
+            return None
+        return [
+            None if entry is None else {
+                str(tid): PromptLogprob(logprob=_finite(lp.logprob), rank=lp.rank, decoded_token=self.tokens.text(tid))
+                for tid, lp in _ranked(entry)
+            }
+            for entry in entries
+        ]  # fmt: skip
+
+    def echo_logprobs(self, prompt: EnginePrompt, entries: list[dict[int, Logprob] | None] | None, k: int,
+                      cursor: _Cursor) -> CompletionLogprobs:  # fmt: skip
+        """echo with logprobs: the prompt's tokens in the legacy completions shape, ahead of the generated ones
+        (the first token has no logprob, as in OpenAI's API)."""
+        lp = CompletionLogprobs()
+        entries = entries or [None] * len(prompt.token_ids)
+        for token, entry in zip(prompt.token_ids, entries):
+            text, raw = self.tokens(token)
+            lp.tokens.append(text)
+            lp.text_offset.append(cursor.text_offset)
+            cursor.text_offset += len(cursor.utf8.decode(raw))
+            if entry is None:
+                lp.token_logprobs.append(None)
+                lp.top_logprobs.append(None)
+                continue
+            lp.token_logprobs.append(_finite(entry[token].logprob))
+            lp.top_logprobs.append({self.tokens.text(tid): _finite(v.logprob) for tid, v in _ranked(entry)
+                                    if tid == token or (v.rank is not None and v.rank <= k)})  # fmt: skip
+        return lp
 
     # ---- /v1/completions -----------------------------------------------------------------------------
     def completion_logprobs(self, c: CompletionOutput, t0: int, t1: int, k: int, cursor: _Cursor) -> CompletionLogprobs:
@@ -428,8 +467,6 @@ class OpenAIServing:
 
     async def completions(self, req: CompletionRequest, raw: Request) -> Any:
         model = self.check_model(req.model)
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs is not supported (no prompt logprobs)", param="echo")
         prompts = [self.completion_prompt(p) for p in req.prompts()]
         params = [self.sampling_params(req, p, req.max_tokens, req.logprobs, "prompt", "max_tokens") for p in prompts]
         if len(prompts) * params[0].n > MAX_CHOICES_PER_REQUEST:
@@ -448,16 +485,32 @@ class OpenAIServing:
         choices = []
         for pi, (prompt, out) in enumerate(zip(prompts, finals)):
             echo = self._echo_text(prompt) if req.echo else ""
+            prompt_logprobs = self.prompt_logprobs_json(out.prompt_logprobs) if req.prompt_logprobs is not None else None
             for c in out.outputs:
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self.completion_logprobs(c, 0, len(c.token_ids), req.logprobs, _Cursor())
+                    logprobs = self._choice_logprobs(req, prompt, out.prompt_logprobs, c, 0, len(c.token_ids), _Cursor(),
+                                                     echo=req.echo)  # fmt: skip
                 choices.append(CompletionChoice(
                     index=pi * n + c.index, text=echo + c.text, logprobs=logprobs, finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason, token_ids=list(c.token_ids) if req.return_token_ids else None,
+                    prompt_logprobs=prompt_logprobs,
                 ))  # fmt: skip
         return CompletionResponse(id=request_id, created=created, model=model, choices=choices,
                                   usage=self._usage(prompts, finals))  # fmt: skip
+
+    def _choice_logprobs(
+        self, req: CompletionRequest, prompt: EnginePrompt, prompt_entries: list[dict[int, Logprob] | None] | None,
+        c: CompletionOutput, t0: int, t1: int, cursor: _Cursor, echo: bool,
+    ) -> CompletionLogprobs:  # fmt: skip
+        """A choice's logprobs for its tokens t0..t1, after the prompt's own when they are echoed."""
+        if not echo:
+            return self.completion_logprobs(c, t0, t1, req.logprobs, cursor)
+        lp = self.echo_logprobs(prompt, prompt_entries, req.logprobs, cursor)
+        generated = self.completion_logprobs(c, t0, t1, req.logprobs, cursor)
+        for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+            getattr(lp, name).extend(getattr(generated, name))
+        return lp
 
     def _echo_text(self, prompt: EnginePrompt) -> str:
         if prompt.text is not None:
@@ -470,8 +523,13 @@ class OpenAIServing:
     ) -> AsyncIterator[str]:  # fmt: skip
         n = params[0].n
         cursors = [[_Cursor() for _ in range(n)] for _ in prompts]
+        cached = [0] * len(prompts)
+        prompt_entries: list[Any] = [None] * len(prompts)  # a delta output carries them once: kept for each echo
         try:
             async for pi, out in merge_streams(streams):
+                cached[pi] = out.num_cached_tokens
+                if out.prompt_logprobs is not None:
+                    prompt_entries[pi] = out.prompt_logprobs
                 for c in out.outputs:
                     cursor = cursors[pi][c.index]
                     if cursor.done:
@@ -488,16 +546,19 @@ class OpenAIServing:
                         continue
                     logprobs = None
                     if req.logprobs is not None:
-                        logprobs = self.completion_logprobs(c, t0, t1, req.logprobs, cursor)
+                        logprobs = self._choice_logprobs(req, prompts[pi], prompt_entries[pi], c, t0, t1, cursor,
+                                                     echo=req.echo and first)  # fmt: skip
                     choice = CompletionChoice(
                         index=pi * n + c.index, text=text, logprobs=logprobs,
                         finish_reason=c.finish_reason if finished else None,
                         stop_reason=c.stop_reason if finished else None,
                         token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
                     )  # fmt: skip
-                    yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice]))
+                    usage = self._stream_usage(prompts, cursors, cached) if req.continuous_usage else None
+                    yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[choice],
+                                                 usage=usage))  # fmt: skip
             if req.include_usage_in_stream:
-                usage = self._stream_usage(prompts, cursors)
+                usage = self._stream_usage(prompts, cursors, cached)
                 yield sse(CompletionResponse(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band, as OpenAI does
             yield self._stream_error(exc)
@@ -553,8 +614,10 @@ class OpenAIServing:
                 finish_reason=finish_reason, stop_reason=c.stop_reason,
                 token_ids=list(c.token_ids) if req.return_token_ids else None,
             ))  # fmt: skip
-        return ChatCompletionResponse(id=request_id, created=created, model=model, choices=choices,
-                                      usage=self._usage([prompt], [out]))  # fmt: skip
+        return ChatCompletionResponse(
+            id=request_id, created=created, model=model, choices=choices, usage=self._usage([prompt], [out]),
+            prompt_logprobs=self.prompt_logprobs_json(out.prompt_logprobs) if req.prompt_logprobs is not None else None,
+        )  # fmt: skip
 
     def _tool_constraint(self, req: ChatCompletionRequest) -> StructuredOutputsParams | None:
         """``required`` and a named tool are enforced by constrained decoding, so their replies always parse."""
@@ -600,8 +663,8 @@ class OpenAIServing:
         self, req: ChatCompletionRequest, model: str, request_id: str, created: int,
         prompt: EnginePrompt, params: SamplingParams, stream: RequestStream,
     ) -> AsyncIterator[str]:  # fmt: skip
-        def chunk(choice: ChatStreamChoice) -> str:
-            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice]))
+        def chunk(choice: ChatStreamChoice, usage: UsageInfo | None = None) -> str:
+            return sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice], usage=usage))
 
         cursors = [_Cursor() for _ in range(params.n)]
         name = self.settings.reasoning_parser
@@ -638,10 +701,12 @@ class OpenAIServing:
                                    reasoning_content=reasoning or None, tool_calls=deltas or None)  # fmt: skip
             return message, "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
+        cached = [0]
         try:
             for i in range(params.n):
                 yield chunk(ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content="")))
             async for out in stream:
+                cached[0] = out.num_cached_tokens
                 for c in out.outputs:
                     cursor = cursors[c.index]
                     if cursor.done:
@@ -659,9 +724,9 @@ class OpenAIServing:
                         finish_reason=finish_reason,
                         stop_reason=c.stop_reason if finished else None,
                         token_ids=list(c.token_ids[t0:t1]) if req.return_token_ids else None,
-                    ))  # fmt: skip
+                    ), usage=self._stream_usage([prompt], [cursors], cached) if req.continuous_usage else None)  # fmt: skip
             if req.include_usage_in_stream:
-                usage = self._stream_usage([prompt], [cursors])
+                usage = self._stream_usage([prompt], [cursors], cached)
                 yield sse(ChatCompletionChunk(id=request_id, created=created, model=model, choices=[], usage=usage))
         except Exception as exc:  # noqa: BLE001 - headers are sent; report in-band
             yield self._stream_error(exc)

@@ -215,3 +215,22 @@ def test_torchrun_launcher(tp_checkpoints, tmp_path) -> None:
     result = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(result) == 1, proc.stdout[-2000:]  # rank 0 alone drives and prints
     assert json.loads(result[0][len("RESULT ") :]) == want
+
+
+def test_prompt_logprobs_at_tp2_equal_tp1(tp_checkpoints) -> None:
+    """Every rank runs the prompt positions through the vocab-parallel LM head (its all-gather), in the same
+    pieces; rank 0 reports them."""
+    path = tp_checkpoints("qwen3-gqa")
+    prompts = make_prompts(3, seed=41)
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=3, prompt_logprobs=2)
+    with LLM(path, **SMALL) as single:
+        want = single.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    with LLM(path, tensor_parallel_size=2, max_num_batched_tokens=8, **SMALL) as llm:
+        got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        assert_all_blocks_free(llm)
+    for prompt, a, b in zip(prompts, want, got):
+        assert len(b.prompt_logprobs) == len(prompt) and b.prompt_logprobs[0] is None
+        for pos in range(1, len(prompt)):
+            x, y = a.prompt_logprobs[pos], b.prompt_logprobs[pos]
+            assert y[prompt[pos]].logprob == pytest.approx(x[prompt[pos]].logprob, abs=1e-4), f"position {pos}"
+            assert y[prompt[pos]].rank == x[prompt[pos]].rank and set(y) == set(x), f"position {pos}"

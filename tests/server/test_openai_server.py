@@ -209,6 +209,74 @@ def test_chat_logprobs(server, client) -> None:
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in content]
 
 
+def test_prompt_logprobs_and_echo_with_logprobs(server, client, http) -> None:
+    """prompt_logprobs (completions: per choice; chat: on the response) as the engine computes them offline, and
+    echo with logprobs: the prompt's tokens lead the legacy logprobs lists, the first without a logprob."""
+    prompt = "Count with me: one two three four five"
+    ids = http.post("/tokenize", json={"prompt": prompt}).json()["tokens"]
+    kw = dict(model=server.served_name, prompt=prompt, max_tokens=4, temperature=0)
+    r = client.completions.create(**kw, extra_body={**IGNORE_EOS, "prompt_logprobs": 2})
+    got = r.choices[0].model_extra["prompt_logprobs"]
+    with LLM(str(server.model_path), **dict(server.engine_options)) as llm:
+        (want,) = llm.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                               prompt_logprobs=2), use_tqdm=False)  # fmt: skip
+    assert len(got) == len(ids) and got[0] is None and want.prompt_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        entry, expected = got[pos], want.prompt_logprobs[pos]
+        assert {int(t) for t in entry} == set(expected), f"position {pos}"
+        for t, lp in expected.items():
+            assert entry[str(t)]["logprob"] == pytest.approx(lp.logprob, abs=1e-4) and entry[str(t)]["rank"] == lp.rank
+            text = entry[str(t)]["decoded_token"]  # part of a UTF-8 character shows as bytes:\x.., as in logprobs
+            assert text == http.post("/detokenize", json={"tokens": [t]}).json()["prompt"] or text.startswith("bytes:")
+
+    echoed = client.completions.create(**kw, echo=True, logprobs=2, extra_body=IGNORE_EOS).choices[0]
+    lp = echoed.logprobs
+    assert echoed.text.startswith(prompt) and len(lp.tokens) == len(ids) + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(got[pos][str(ids[pos])]["logprob"], abs=1e-5)
+        assert len(lp.top_logprobs[pos]) >= 2
+    assert "".join(lp.tokens) == echoed.text and lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    plain = client.completions.create(**kw, logprobs=2, extra_body=IGNORE_EOS).choices[0].logprobs
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.token_logprobs, abs=1e-5)
+    chunks = list(client.completions.create(**kw, echo=True, logprobs=2, stream=True, extra_body=IGNORE_EOS))
+    streamed = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and streamed[1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+
+    chat = client.chat.completions.create(model=server.served_name, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=3, temperature=0, extra_body={"prompt_logprobs": 0})  # fmt: skip
+    chat_ids = http.post("/tokenize", json={"messages": [{"role": "user", "content": prompt}]}).json()["tokens"]
+    plp = chat.model_extra["prompt_logprobs"]
+    assert len(plp) == len(chat_ids) and plp[0] is None
+    assert all(list(e) == [str(t)] for e, t in zip(plp[1:], chat_ids[1:])), "k = 0: just the prompt's own token"
+
+
+def test_usage_reports_cached_prompt_tokens_and_continuous_stream_usage(server, client) -> None:
+    prompt = "a prefix worth caching, " * 12  # several 16-token blocks
+    kw = dict(model=server.served_name, prompt=prompt, max_tokens=6, temperature=0, extra_body=IGNORE_EOS)
+    client.completions.create(**kw)
+    again = client.completions.create(**kw).usage
+    assert again.prompt_tokens_details.cached_tokens >= 32
+    assert again.prompt_tokens_details.cached_tokens <= again.prompt_tokens
+    fresh = client.completions.create(**{**kw, "prompt": "an unrelated prompt never sent before 7d1"}).usage
+    assert fresh.prompt_tokens_details.cached_tokens == 0
+
+    chunks = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True,
+                                                                                "continuous_usage_stats": True}))
+    with_choices = [ch for ch in chunks if ch.choices]
+    assert with_choices and all(ch.usage is not None for ch in with_choices)
+    counts = [ch.usage.completion_tokens for ch in with_choices]
+    assert counts == sorted(counts) and counts[-1] == 6 and counts[0] < 6
+    assert chunks[-1].usage.completion_tokens == 6 and chunks[-1].usage.prompt_tokens_details.cached_tokens >= 32
+    plain = list(client.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert all(ch.usage is None for ch in plain if ch.choices) and plain[-1].usage.completion_tokens == 6
+    chat_chunks = list(client.chat.completions.create(
+        model=server.served_name, messages=[{"role": "user", "content": prompt}], max_tokens=5, temperature=0,
+        stream=True, stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=IGNORE_EOS,
+    ))  # fmt: skip
+    assert all(ch.usage is not None for ch in chat_chunks[1:]) and chat_chunks[-1].usage.completion_tokens == 5
+
+
 def test_seed_reproducibility(server, client) -> None:
     kw = dict(model=server.served_name, prompt="Random words", max_tokens=12, temperature=1.0, extra_body=IGNORE_EOS)
     a = client.completions.create(**kw, seed=1234).choices[0].text
@@ -375,6 +443,11 @@ BAD_REQUESTS = [
     ("messages-wrong-type", CHAT, {"model": M, "messages": "hi"}, 400, "messages", None),
     ("role-unknown", CHAT, {"model": M, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", None),
     ("chat-temperature-negative", CHAT, {"model": M, "messages": USER, "temperature": -1}, 400, "temperature", None),
+    ("prompt_logprobs-too-many", CMPL, {"model": M, "prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs", None),
+    ("prompt_logprobs-with-stream", CMPL, {"model": M, "prompt": "hi", "prompt_logprobs": 1, "stream": True}, 400, None,
+     None),
+    ("chat-prompt_logprobs-with-stream", CHAT, {"model": M, "messages": USER, "prompt_logprobs": 0, "stream": True},
+     400, None, None),
     ("top_logprobs-without-logprobs", CHAT, {"model": M, "messages": USER, "top_logprobs": 2}, 400, None, None),
     (
         "chat-too-long",

@@ -247,3 +247,24 @@ def test_pack_weight_recognises_onednn_layout_and_uses_the_native_kernel(lib) ->
     for rows in (1, 7, 40, 300):
         x = torch.randn(rows, 100, generator=g)
         torch.testing.assert_close(packed_linear(x, packed, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("vocab,rows", [(151_936, [0, 3, 5]), (1000, [1]), (333, [2, 0, 4, 1])])
+def test_apply_token_bitmask_equals_the_torch_path(lib, vocab: int, rows: list[int]) -> None:
+    """The constrained-decoding mask in place over the listed rows: the same -inf cells as the torch
+    reference, other rows untouched, tokens past the vocabulary (the last word's spare bits) ignored."""
+    from nanoserve.engine.structured_output import apply_token_bitmask
+
+    g = gen(vocab)
+    logits = torch.randn(6, vocab, generator=g)
+    words = -(-vocab // 32)
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (len(rows), words), generator=g, dtype=torch.int64).to(torch.int32)
+    bitmask[0, : words // 2] = -1  # all-allowed words (the kernel's skip)
+    bitmask[-1, -2:] = 0  # all-banned words
+    expected = logits.clone()
+    masked = expected[rows]
+    apply_token_bitmask(masked, bitmask)
+    expected[rows] = masked
+    native.apply_token_bitmask(lib, logits, rows, bitmask)
+    assert torch.equal(logits, expected)
+    assert torch.isinf(logits[rows]).any() and not torch.isinf(logits[[r for r in range(6) if r not in rows]]).any()
