@@ -225,37 +225,15 @@ def load_hf_config(path: Path) -> Any:
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:
-    """The context length to serve: ``requested``, or by default the model's ``max_position_embeddings``.
-
-    Sliding-window attention is not implemented yet: every layer attends to the whole context. That is exact
-    only while a sequence is no longer than the smallest window (transformers' mask keeps the last
-    ``window`` keys, the query's own included), so an explicit length beyond it is refused and the default is
-    capped at it.
-    """
+    """The context length to serve: ``requested``, or by default the model's ``max_position_embeddings``."""
     limit = getattr(hf_config, "max_position_embeddings", None) or 2048
-    windows = sliding_window_layers(hf_config)
-    window = min(windows.values()) if windows else None
     if requested is None:
-        if window is not None and window < limit:
-            logger.warning(
-                "max_model_len defaults to %d, the sliding window of layers %s, not max_position_embeddings (%d): "
-                "nanoserve does not implement sliding-window attention yet, and full attention over a longer "
-                "context would not be the model's", window, _ranges(sorted(windows)), limit,
-            )  # fmt: skip
-            return window
         return limit
     _positive_int(requested, "max_model_len")
     if requested > limit:
         raise ValueError(
             f"max_model_len: {requested} exceeds the model's max_position_embeddings ({limit}); "
             f"pass max_model_len <= {limit}"
-        )
-    if window is not None and requested > window:
-        raise ValueError(
-            f"max_model_len: {requested} is longer than the sliding window ({window} tokens) of layers "
-            f"{_ranges(sorted(windows))}; nanoserve does not implement sliding-window attention yet, so those "
-            f"layers would attend beyond their window and the output would not be the model's; "
-            f"pass max_model_len <= {window}"
         )
     return requested
 
@@ -275,17 +253,6 @@ def sliding_window_layers(hf_config: Any) -> dict[int, int]:
     if layer_types is None:
         return dict.fromkeys(range(hf_config.num_hidden_layers), int(window))
     return {i: int(window) for i, kind in enumerate(layer_types) if kind == "sliding_attention"}
-
-
-def _ranges(indices: list[int]) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
-    runs: list[list[int]] = []
-    for i in indices:
-        if runs and i == runs[-1][-1] + 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
-    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:

@@ -5,6 +5,10 @@ token at position ``p`` of a sequence with block table ``bt`` lives in slot ``bt
 
 Backends are registered by name; ``torch_sdpa`` (pure PyTorch) is the reference every faster backend is
 tested against; ``cpu_native`` decodes with a small C kernel (the CPU default, see ``platform``).
+
+A layer with a sliding window ``W`` (Mistral v0.1, Qwen2's upper layers, Gemma's local layers) lets the query
+at position ``p`` see the keys at ``p - W + 1 .. p`` only, as transformers' sliding-window mask does; its
+older keys stay in the cache (the block tables are shared by every layer) but are never read.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ class AttentionMetadata:
     decode_max_context: int = 0
 
 
-# backend(q, k, v, kv_cache, meta, scale, kv_written) -> out; kv_written: k and v are already in the cache
+# backend(q, k, v, kv_cache, meta, scale, kv_written, window) -> out; kv_written: k and v are already in the
+# cache; window: the sliding window (0: none)
 AttentionBackend = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, bool], torch.Tensor
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float, bool, int], torch.Tensor
 ]
 _BACKENDS: dict[str, AttentionBackend] = {}
 
@@ -67,15 +72,20 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: Att
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
 
 
-def _decode_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _decode_sdpa(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float, window: int
+) -> torch.Tensor:
     """q: [D, Hq, Dh] -> [D, Hq, Dh]. Gathers each decoding sequence's blocks into a dense padded
-    [D, Hkv, L, Dh] copy and masks the tail."""
+    [D, Hkv, L, Dh] copy and masks the tail (and what lies before a sliding window)."""
     block_size, num_kv_heads = kv_cache.shape[2], kv_cache.shape[3]
     tables = meta.decode_block_tables[:, : -(-meta.decode_max_context // block_size)]
     keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
     values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
     positions = torch.arange(keys.shape[2], device=q.device)
-    mask = (positions[None, :] < meta.decode_context_lens[:, None])[:, None, None, :]  # [D, 1, 1, L]
+    visible = positions[None, :] < meta.decode_context_lens[:, None]  # [D, L]
+    if window:
+        visible &= positions[None, :] >= meta.decode_context_lens[:, None] - window
+    mask = visible[:, None, None, :]  # [D, 1, 1, L]
     gqa = q.shape[1] != num_kv_heads
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return o.squeeze(2)  # [D, Hq, Dh]
@@ -83,7 +93,7 @@ def _decode_sdpa(q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadat
 
 def _prefill_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, out: torch.Tensor,
+    scale: float, out: torch.Tensor, window: int = 0,
 ) -> None:  # fmt: skip
     """Attention of every prefill chunk, written into ``out``. Inputs are 4-D ([1, H, n, Dh]) because
     torch's fused CPU kernel (flash attention) takes only 4-D; 3-D silently falls back to the unfused math."""
@@ -92,17 +102,26 @@ def _prefill_sdpa(
         meta.prefill_query_starts, meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_tables
     ):
         qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, Dh]
-        if ctx_len == q_len:
+        windowed = 0 < window < ctx_len
+        if ctx_len == q_len and not windowed:
             # No cached prefix: attend to this step's own keys, no gather needed.
             ks = k[start : start + q_len].transpose(0, 1).unsqueeze(0)
             vs = v[start : start + q_len].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
-            ks = kv_cache[0][table].flatten(0, 1)[:ctx_len].transpose(0, 1).unsqueeze(0)  # [1, Hkv, ctx, Dh]
-            vs = kv_cache[1][table].flatten(0, 1)[:ctx_len].transpose(0, 1).unsqueeze(0)
-            # Query i sits at position ctx_len - q_len + i and sees keys up to and including it.
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            # Keys from the first one any query of the chunk can see (all, without a window).
+            first = max(0, ctx_len - q_len - window + 1) if windowed else 0
+            first -= first % kv_cache.shape[2]  # whole blocks
+            blocks = table[first // kv_cache.shape[2] :]
+            ks = kv_cache[0][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, Dh]
+            vs = kv_cache[1][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)
+            # Query i sits at position ctx_len - q_len + i and sees keys up to and including it (and, with a
+            # window W, after position - W).
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
+            k_pos = torch.arange(first, ctx_len, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if windowed:
+                mask &= k_pos > q_pos - window
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
         out[start : start + q_len] = o[0].transpose(0, 1)
 
@@ -110,7 +129,7 @@ def _prefill_sdpa(
 @register_backend("torch_sdpa")
 def torch_sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, kv_written: bool = False,
+    scale: float, kv_written: bool = False, window: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """q: [T, Hq, D]; k, v: [T, Hkv, D] (new tokens, already rotated); returns [T, Hq, D]. Pure PyTorch:
     the reference every other backend is tested against."""
@@ -119,39 +138,45 @@ def torch_sdpa_attention(
     out = torch.empty_like(q)
     n_dec = meta.num_decode_tokens
     if n_dec:
-        out[:n_dec] = _decode_sdpa(q[:n_dec], kv_cache, meta, scale)
-    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out)
+        out[:n_dec] = _decode_sdpa(q[:n_dec], kv_cache, meta, scale, window)
+    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out, window)
     return out
 
 
 @register_backend("cpu_native")
 def cpu_native_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
-    scale: float, kv_written: bool = False,
+    scale: float, kv_written: bool = False, window: int = 0,
 ) -> torch.Tensor:  # fmt: skip
     """Like ``torch_sdpa`` but decodes with the C kernel of :mod:`nanoserve.layers.native`, which walks the
     block tables instead of gathering a padded copy of every context (falls back to ``torch_sdpa`` where the
     kernel is unavailable or does not apply)."""
     lib = native.load()
     if lib is None or q.dtype != torch.float32 or kv_cache.dtype != q.dtype or q.shape[-1] % 8 or not q.is_cpu:
-        return torch_sdpa_attention(q, k, v, kv_cache, meta, scale, kv_written)
+        return torch_sdpa_attention(q, k, v, kv_cache, meta, scale, kv_written, window)
     if not kv_written:
         store_kv(k, v, kv_cache, meta)
     out = torch.empty(q.shape, dtype=q.dtype)
     n_dec = meta.num_decode_tokens
     if n_dec:
         native.paged_decode_attention(
-            lib, q[:n_dec], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:n_dec]
+            lib, q[:n_dec], kv_cache, meta.decode_block_tables, meta.decode_context_lens, scale, out[:n_dec], window
         )
-    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out)
+    _prefill_sdpa(q, k, v, kv_cache, meta, scale, out, window)
     return out
 
 
 class Attention(nn.Module):
     """Attention over the paged cache of one layer. The cache tensor is bound once at start-up."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: str) -> None:
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, backend: str,
+        sliding_window: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window or 0  # 0: attend to the whole context
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -162,4 +187,4 @@ class Attention(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, kv_written: bool = False
     ) -> torch.Tensor:
-        return self.backend(q, k, v, self.kv_cache, meta, self.scale, kv_written)
+        return self.backend(q, k, v, self.kv_cache, meta, self.scale, kv_written, self.sliding_window)

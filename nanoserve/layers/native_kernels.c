@@ -170,12 +170,13 @@ void apply_token_bitmask_f32(float *logits, int64_t ls, const int64_t *row, int6
    k_cache, v_cache: [num_blocks, B, Hkv, Dh]     the two halves of one layer's cache
    block_tables:     [D, table_stride] int64      sequence d's token t lives in block table[t / B], row t % B
    context_lens:     [D] int64, >= 1              keys 0 .. len-1 are attended (the new token included)
+   window:           > 0: only the last `window` of them (sliding-window attention); 0: all
    A task is one sequence and a group of its KV heads; it reads each cached key and value once and shares
    it between the G query heads of that KV head (GQA). */
 void paged_decode_attention_f32(
     const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int64_t *block_tables,
     int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
-    int64_t B, float scale, float *out)
+    int64_t B, float scale, int64_t window, float *out)
 {
     const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-float chunks per head */
     const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
@@ -197,8 +198,10 @@ void paged_decode_attention_f32(
             const int64_t *table = block_tables + d * table_stride;
             const float *qd = q + d * q_stride + h0 * G * Dh;
             const int64_t nblk = (L + B - 1) / B;
+            /* a sliding window starts at key lo: blocks wholly before it are never read */
+            const int64_t lo = window > 0 && L > window ? L - window : 0, b0 = lo / B;
             /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
-            for (int64_t b = 0; b < nblk; b++) {
+            for (int64_t b = b0; b < nblk; b++) {
                 const float *kb = k_cache + table[b] * block_stride + h0 * Dh;
                 const int64_t n = (b + 1) * B <= L ? B : L - b * B;
                 for (int64_t h = 0; h < hps; h++)
@@ -226,8 +229,9 @@ void paged_decode_attention_f32(
             /* softmax over t of each row; the padded tail gets probability 0 */
             for (int64_t r = 0; r < rows; r++) {
                 float *s = scores + r * Lp;
-                float m = s[0];
-                for (int64_t t = 1; t < L; t++) m = s[t] > m ? s[t] : m;
+                float m = s[lo];
+                for (int64_t t = lo + 1; t < L; t++) m = s[t] > m ? s[t] : m;
+                for (int64_t t = 0; t < lo; t++) s[t] = m - 1000.0f;  /* outside the window: probability 0 */
                 for (int64_t t = L; t < Lp; t++) s[t] = m - 1000.0f;
                 v8 vsum = {0};
                 for (int64_t t = 0; t < Lp; t += 8) {
@@ -249,7 +253,7 @@ void paged_decode_attention_f32(
                     int64_t c0 = 0;
                     for (; c0 + 8 <= C; c0 += 8) {
                         v8 acc[8] = {{0}};
-                        for (int64_t b = 0; b < nblk; b++) {
+                        for (int64_t b = b0; b < nblk; b++) {
                             const float *vb = v_cache + table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
                             const int64_t n = (b + 1) * B <= L ? B : L - b * B;
                             for (int64_t j = 0; j < n; j++) {
@@ -262,7 +266,7 @@ void paged_decode_attention_f32(
                     }
                     for (; c0 < C; c0++) {  /* head sizes not a multiple of 64: the last chunks one at a time */
                         v8 acc = {0};
-                        for (int64_t b = 0; b < nblk; b++) {
+                        for (int64_t b = b0; b < nblk; b++) {
                             const float *vb = v_cache + table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
                             const int64_t n = (b + 1) * B <= L ? B : L - b * B;
                             for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * load8(vb + j * token_stride);

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoserve.config import sliding_window_layers
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.layers import native
 from nanoserve.layers.attention import Attention, AttentionMetadata
@@ -47,8 +48,13 @@ def head_dim_of(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
 
 
+def sliding_window_of(hf_config: Any, layer_index: int) -> int | None:
+    """Layer ``layer_index``'s sliding window, or None (full attention): see ``config.sliding_window_layers``."""
+    return sliding_window_layers(hf_config).get(layer_index)
+
+
 class DecoderAttention(nn.Module):
-    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int) -> None:
         super().__init__()
         head_dim = head_dim_of(hf_config)
         self.qkv_proj = QKVParallelLinear(
@@ -66,7 +72,8 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend,
+                              sliding_window_of(hf_config, layer_index))  # fmt: skip
         self.kernels = ctx.kernels if native.rope_supported(head_dim) else None
 
     def forward(self, rope: RopeStep, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -115,9 +122,9 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int) -> None:
         super().__init__()
-        self.self_attn = DecoderAttention(hf_config, flags, ctx)
+        self.self_attn = DecoderAttention(hf_config, flags, ctx, layer_index)
         self.mlp = DecoderMLP(hf_config, flags, ctx)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
@@ -138,7 +145,7 @@ class DecoderModel(nn.Module):
     def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
-        self.layers = nn.ModuleList(DecoderLayer(hf_config, flags, ctx) for _ in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(hf_config, flags, ctx, i) for i in range(hf_config.num_hidden_layers))
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
         # The native attention path reads the rotary tables itself; torch ops need this step's rows gathered.
         self.rope_lookup = any(layer.self_attn.kernels is None for layer in self.layers)

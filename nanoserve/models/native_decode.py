@@ -39,6 +39,7 @@ class _Layer(ctypes.Structure):
     _fields_ = [
         ("qkv", _Linear), ("o", _Linear), ("gate_up", _Linear), ("down", _Linear), ("input_norm", _ptr),
         ("post_norm", _ptr), ("q_norm", _ptr), ("k_norm", _ptr), ("k_cache", _ptr), ("v_cache", _ptr),
+        ("window", _i64),
     ]  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
         descs.append(_Layer(
             *linears, layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
             sa.q_norm.weight.data_ptr() if qk else None, sa.k_norm.weight.data_ptr() if qk else None,
-            cache.data_ptr(), cache.data_ptr() + half,
+            cache.data_ptr(), cache.data_ptr() + half, sa.attn.sliding_window,
         ))  # fmt: skip
         keep.append(cache)
     layers = (_Layer * len(descs))(*descs)

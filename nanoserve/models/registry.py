@@ -22,14 +22,9 @@ def resolve_architecture(hf_config: Any) -> type[nn.Module]:
     names = list(getattr(hf_config, "architectures", None) or [])
     for name in names:
         if name in MODEL_REGISTRY:
-            _check_supported(hf_config, name)
             return MODEL_REGISTRY[name]
     raise ValueError(
         f"unsupported architecture {names or '(none in config.json)'}; "
         f"nanoserve supports: {', '.join(MODEL_REGISTRY)}"
     )
 
-
-def _check_supported(hf_config: Any, name: str) -> None:
-    if getattr(hf_config, "use_sliding_window", False):
-        raise ValueError(f"{name} with use_sliding_window=true is not supported")

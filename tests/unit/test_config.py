@@ -110,8 +110,8 @@ def test_max_model_len_explicit_is_recorded(checkpoint: CheckpointCache) -> None
 
 
 # ------------------------------------------------------------------------------------------------ sliding windows
-# Sliding-window attention is not implemented: a config with a window must not run past it. config.json alone
-# is enough for EngineConfig.create, written by transformers' own config classes.
+# Which layers slide, read from config.json as transformers resolves it (the attention layers take their window
+# from this); config.json alone is enough for EngineConfig.create, written by transformers' own config classes.
 
 SMALL_MODEL = dict(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -136,76 +136,49 @@ def _config_dir(path: pathlib.Path, arch: str, drop: tuple[str, ...] = (), **ove
     return str(path)
 
 
-# (arch, config.json fields, JSON keys removed, expected default max_model_len, windowed layers named)
+# (arch, config.json fields, JSON keys removed, {windowed layer: window})
 WINDOW_CASES = {
     # Mistral v0.1 style: sliding_window, no layer_types; the window applies to every layer.
-    "mistral-window": ("MistralForCausalLM", {"sliding_window": 64}, (), 64, "0-2"),
-    "mistral-no-window": ("MistralForCausalLM", {"sliding_window": None}, (), 512, None),
-    "mistral-window-beyond-context": ("MistralForCausalLM", {"sliding_window": 4096}, (), 512, None),
+    "mistral-window": ("MistralForCausalLM", {"sliding_window": 64}, (), {0: 64, 1: 64, 2: 64}),
+    "mistral-no-window": ("MistralForCausalLM", {"sliding_window": None}, (), {}),
+    "mistral-window-beyond-context": ("MistralForCausalLM", {"sliding_window": 4096}, (), {0: 4096, 1: 4096, 2: 4096}),
     # Qwen2 as transformers 4.x wrote it (no layer_types): transformers 5 resolves layer_types from
     # use_sliding_window and max_window_layers; layers >= max_window_layers slide.
     "qwen2-v4-window-from-layer-1": (
         "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 1},
-        ("layer_types",), 64, "1-2",
+        ("layer_types",), {1: 64, 2: 64},
     ),
-    # sliding_window set, but every layer is below max_window_layers: all full attention, so no cap.
+    # sliding_window set, but every layer is below max_window_layers: all full attention.
     "qwen2-v4-window-on-no-layer": (
         "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 64, "max_window_layers": 3},
-        ("layer_types",), 512, None,
+        ("layer_types",), {},
     ),
     # Real Qwen2.5 checkpoints: sliding_window given, use_sliding_window false: full attention everywhere.
     "qwen2-v4-window-disabled": (
-        "Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": 64}, ("layer_types",), 512, None,
+        "Qwen2ForCausalLM", {"use_sliding_window": False, "sliding_window": 64}, ("layer_types",), {},
     ),
     # transformers 5 shape: explicit layer_types decide which layers slide.
     "qwen3-layer-types": (
         "Qwen3ForCausalLM",
         {"use_sliding_window": True, "sliding_window": 96,
          "layer_types": ["full_attention", "sliding_attention", "full_attention"]},
-        (), 96, "1",
+        (), {1: 96},
     ),  # fmt: skip
-    "llama": ("LlamaForCausalLM", {}, (), 512, None),
+    "llama": ("LlamaForCausalLM", {}, (), {}),
 }
 
 
 @pytest.mark.parametrize("case", WINDOW_CASES)
-def test_default_max_model_len_is_capped_at_the_smallest_window(
-    case: str, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    arch, fields, drop, expected, layers = WINDOW_CASES[case]
+def test_sliding_window_layers_and_no_cap_on_the_context(case: str, tmp_path: pathlib.Path) -> None:
+    """Each layer's window as transformers resolves the config, and (sliding-window attention being implemented)
+    the context is the model's whole max_position_embeddings, by default or asked for."""
+    from nanoserve.config import sliding_window_layers
+    from nanoserve.models.decoder import sliding_window_of
+
+    arch, fields, drop, expected = WINDOW_CASES[case]
     path = _config_dir(tmp_path, arch, drop, **fields)
-    with caplog.at_level("WARNING", logger="nanoserve.config"):
-        config = EngineConfig.create(path)
-    assert config.max_model_len == expected
-    warnings = [r.getMessage() for r in caplog.records if r.name == "nanoserve.config"]
-    if layers is None:
-        assert not warnings
-    else:
-        (warning,) = warnings
-        assert f"max_model_len defaults to {expected}, the sliding window of layers {layers}," in warning
-        assert "max_position_embeddings (512)" in warning
-
-
-def test_window_left_set_on_full_attention_layers_does_not_cap(tmp_path: pathlib.Path) -> None:
-    """The layer types decide, not the presence of sliding_window: here transformers keeps the window
-    (use_sliding_window is true) but resolves every layer to full attention."""
-    arch, fields, drop, _, _ = WINDOW_CASES["qwen2-v4-window-on-no-layer"]
-    config = EngineConfig.create(_config_dir(tmp_path, arch, drop, **fields), max_model_len=512)
-    assert config.hf_config.sliding_window == 64
-    assert set(config.hf_config.layer_types) == {"full_attention"}
+    config = EngineConfig.create(path)
+    assert sliding_window_layers(config.hf_config) == expected
+    assert [sliding_window_of(config.hf_config, i) for i in range(3)] == [expected.get(i) for i in range(3)]
     assert config.max_model_len == 512
-
-
-@pytest.mark.parametrize("case", ["mistral-window", "qwen2-v4-window-from-layer-1", "qwen3-layer-types"])
-def test_explicit_max_model_len_beyond_the_window_is_refused(case: str, tmp_path: pathlib.Path) -> None:
-    arch, fields, drop, window, layers = WINDOW_CASES[case]
-    path = _config_dir(tmp_path, arch, drop, **fields)
-    with pytest.raises(
-        ValueError,
-        match=rf"^max_model_len: {window + 1} is longer than the sliding window \({window} tokens\) of layers "
-        rf"{layers};.*pass max_model_len <= {window}$",
-    ):
-        EngineConfig.create(path, max_model_len=window + 1)
-    config = EngineConfig.create(path, max_model_len=window)  # the length the error suggests works
-    assert config.max_model_len == window and config.max_model_len_explicit
-    assert EngineConfig.create(path, max_model_len=16).max_model_len == 16
+    assert EngineConfig.create(path, max_model_len=512).max_model_len == 512
