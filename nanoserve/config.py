@@ -294,6 +294,8 @@ def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
 
     divide(hf_config.num_attention_heads, tp, "num_attention_heads")
     divide(hf_config.intermediate_size, tp, "intermediate_size")
+    if getattr(hf_config, "moe_intermediate_size", None):  # Qwen3-MoE's experts (Mixtral's use intermediate_size)
+        divide(hf_config.moe_intermediate_size, tp, "moe_intermediate_size")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     if kv_heads >= tp:
         divide(kv_heads, tp, "num_key_value_heads")

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from nanoserve.models.llama import LlamaForCausalLM
+from nanoserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from nanoserve.models.qwen2 import Qwen2ForCausalLM
 from nanoserve.models.qwen3 import Qwen3ForCausalLM
 
@@ -15,6 +16,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 
@@ -33,3 +36,8 @@ def resolve_architecture(hf_config: Any) -> type[nn.Module]:
 def _check_supported(hf_config: Any, name: str) -> None:
     if getattr(hf_config, "use_sliding_window", False):
         raise ValueError(f"{name} with use_sliding_window=true is not supported")
+    if name == "MixtralForCausalLM" and getattr(hf_config, "sliding_window", None) is not None:
+        raise ValueError(
+            f"{name} with sliding_window={hf_config.sliding_window} is not supported (sliding-window attention is "
+            "not implemented yet); only checkpoints with sliding_window null load"
+        )
