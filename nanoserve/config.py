@@ -152,7 +152,10 @@ class EngineConfig:
             quantization_skip,
         )  # fmt: skip
         if quant is not None:
+            from nanoserve.models.registry import resolve_architecture
             from nanoserve.quantization.config import check_tensor_parallel
+
+            resolve_architecture(hf_config).check_quantization(quant)  # e.g. experts: not quantized yet
 
             check_tensor_parallel(hf_config, tensor_parallel_size, quant, usable_tensor_parallel_sizes(hf_config))
         if quant is not None and (device != "cpu" or torch_dtype != torch.float32):

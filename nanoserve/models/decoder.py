@@ -214,6 +214,11 @@ class DecoderForCausalLM(nn.Module):
         return cls.flags
 
     @classmethod
+    def check_quantization(cls, quantization: Any) -> None:
+        """Raise ValueError if this model cannot hold the low-bit weights ``quantization`` asks for (a
+        ``QuantizationConfig``, or None). Called while the engine options are checked, before any rank starts."""
+
+    @classmethod
     def build_mlp(cls, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int) -> nn.Module | None:
         """Layer ``layer_index``'s feed-forward; None: the dense MLP (every layer of a dense model)."""
         return None

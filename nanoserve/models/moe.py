@@ -31,13 +31,17 @@ class MoeForCausalLM(DecoderForCausalLM):
     """A decoder whose sparse layers (:meth:`is_sparse`) hold experts; subclasses read their config's names."""
 
     def __init__(self, hf_config: Any, ctx: BuildContext) -> None:
-        if ctx.quantization is not None:
+        self.check_quantization(ctx.quantization)
+        super().__init__(hf_config, ctx)
+
+    @classmethod
+    def check_quantization(cls, quantization: Any) -> None:
+        if quantization is not None:
             # The experts are stacked parameters, not linear layers: the low-bit path does not reach them yet.
             raise ValueError(
-                f"quantization ({ctx.quantization.method}) is not supported for {type(self).__name__}: "
+                f"quantization ({quantization.method}) is not supported for {cls.__name__}: "
                 "mixture-of-experts weights are not quantized yet; run it unquantized (float32)"
             )
-        super().__init__(hf_config, ctx)
 
     @classmethod
     def moe_settings(cls, hf_config: Any) -> tuple[int, int, int, bool]:

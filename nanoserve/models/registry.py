@@ -36,8 +36,3 @@ def resolve_architecture(hf_config: Any) -> type[nn.Module]:
 def _check_supported(hf_config: Any, name: str) -> None:
     if getattr(hf_config, "use_sliding_window", False):
         raise ValueError(f"{name} with use_sliding_window=true is not supported")
-    if name == "MixtralForCausalLM" and getattr(hf_config, "sliding_window", None) is not None:
-        raise ValueError(
-            f"{name} with sliding_window={hf_config.sliding_window} is not supported (sliding-window attention is "
-            "not implemented yet); only checkpoints with sliding_window null load"
-        )

@@ -186,15 +186,22 @@ def test_a_tp_size_that_does_not_split_the_experts(
         EngineConfig.create(str(path), tensor_parallel_size=tp)
 
 
-def test_quantized_experts_are_refused(checkpoint: CheckpointCache) -> None:
+@pytest.mark.parametrize("tp", [1, 2])
+def test_quantized_experts_are_refused(checkpoint: CheckpointCache, tp: int) -> None:
+    """Refused while the options are checked (before any worker starts), naming the model class."""
+    with pytest.raises(ValueError, match="for Qwen3MoeForCausalLM: mixture-of-experts weights are not quantized yet"):
+        EngineConfig.create(str(checkpoint("qwen3-moe")), quantization="int8", tensor_parallel_size=tp)
     with pytest.raises(ValueError, match="mixture-of-experts weights are not quantized yet"):
-        LLM(str(checkpoint("qwen3-moe")), quantization="int8", kv_cache_memory="1MiB")
+        LLM(str(checkpoint("mixtral")), quantization="int4", kv_cache_memory="1MiB")
 
 
-def test_mixtral_with_a_sliding_window_is_refused(checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
-    path = patched_copy(checkpoint("mixtral"), tmp_path / "m", sliding_window=16)
-    with pytest.raises(ValueError, match=r"sliding_window=16 is not supported"):
-        LLM(str(path), kv_cache_memory="1MiB")
+def test_mixtral_with_a_sliding_window_serves_within_it(checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
+    """As for Mistral: no sliding-window attention yet, so the context is capped at the window (where full
+    attention is the same thing) and a longer explicit one is refused."""
+    path = str(patched_copy(checkpoint("mixtral"), tmp_path / "m", sliding_window=16))
+    assert EngineConfig.create(path).max_model_len == 16
+    with pytest.raises(ValueError, match=r"longer than the sliding window \(16 tokens\)"):
+        EngineConfig.create(path, max_model_len=64)
 
 
 def test_reference_routing_depends_on_the_input(checkpoint: CheckpointCache) -> None:
