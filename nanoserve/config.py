@@ -156,7 +156,6 @@ class EngineConfig:
             from nanoserve.quantization.config import check_tensor_parallel
 
             resolve_architecture(hf_config).check_quantization(quant)  # e.g. experts: not quantized yet
-
             check_tensor_parallel(hf_config, tensor_parallel_size, quant, usable_tensor_parallel_sizes(hf_config))
         if quant is not None and (device != "cpu" or torch_dtype != torch.float32):
             raise ValueError(

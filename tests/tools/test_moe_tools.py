@@ -4,6 +4,7 @@ plan's weight bytes equal the real shards', with the experts' bytes and the byte
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_verify_passes(checkpoint, capsys, name: str) -> None:
     assert report["architecture"] == {"qwen3-moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[name]
 
 
-def expected_expert_bytes(hf, tp: int) -> tuple[int, int]:
+def expected_expert_bytes(hf: Any, tp: int) -> tuple[int, int]:
     """(all experts' bytes, the experts one token reads) per rank, from config.json: three [I/tp, H] matrices per
     expert, in every sparse layer."""
     if hasattr(hf, "moe_intermediate_size"):  # qwen3-moe
