@@ -21,9 +21,13 @@ from safetensors.torch import load_file, save_file
 
 from nanoserve import LLM
 from nanoserve.config import EngineConfig
+from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.layers import native
 from nanoserve.layers.moe import SparseMoeBlock
 from nanoserve.models import native_decode
+from nanoserve.models.decoder import BuildContext
+from nanoserve.models.loader import load_weights
+from nanoserve.models.registry import resolve_architecture
 from nanoserve.testing.checkpoints import DEFAULT_ARCH_CONFIGS, build_checkpoint
 from nanoserve.testing.reference import load_hf_model
 from tests.conftest import (
@@ -99,6 +103,32 @@ def test_stacked_and_per_expert_layouts_load_the_same_model(
     assert len(params[0]) == len(params[1]) > 0
     for (a_gu, a_d), (b_gu, b_d) in zip(*params):
         assert torch.equal(a_gu, b_gu) and torch.equal(a_d, b_d)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "qwen3-moe-step2-stacked", "mixtral"])
+def test_each_rank_loads_its_slice_of_every_expert(name: str, checkpoint: CheckpointCache) -> None:
+    """Without starting processes: rank r of TP=2 loads rows [r I/2, (r+1) I/2) of every expert's gate and up
+    and those columns of its down, from either layout; the router whole. Compared with transformers' tensors."""
+    path = checkpoint(name)
+    hf_model = load_hf_model(path)
+    config = EngineConfig.create(str(path), tensor_parallel_size=2)
+    for rank in range(2):
+        ctx = BuildContext(torch.float32, TPGroup(rank=rank, size=2), "torch_sdpa", config.max_model_len)
+        model = resolve_architecture(config.hf_config)(config.hf_config, ctx)
+        load_weights(model, path)
+        sparse = 0
+        for ours, theirs in zip(model.model.layers, hf_model.model.layers):
+            if not isinstance(ours.mlp, SparseMoeBlock):
+                continue
+            sparse += 1
+            gate_up, down = theirs.mlp.experts.gate_up_proj, theirs.mlp.experts.down_proj  # [E, 2I, H], [E, H, I]
+            i = down.shape[2]
+            half = slice(rank * i // 2, (rank + 1) * i // 2)
+            want = torch.cat([gate_up[:, :i][:, half], gate_up[:, i:][:, half]], dim=1)
+            assert torch.equal(ours.mlp.experts.gate_up_proj, want)
+            assert torch.equal(ours.mlp.experts.down_proj, down[:, :, half])
+            assert torch.equal(ours.mlp.gate.weight, theirs.mlp.gate.weight)
+        assert sparse == len(EXPECTED_SPARSE_LAYERS[name])
 
 
 def test_the_c_decode_loop_declines_moe_layers(
