@@ -59,8 +59,11 @@ class FusedMoE(nn.Module):
 
     def __init__(
         self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, renormalize: bool,
-        dtype: torch.dtype, tp: TPGroup,
+        dtype: torch.dtype, tp: TPGroup, float32_weights: bool = False,
     ) -> None:  # fmt: skip
+        """``float32_weights``: scale each expert's output by its float32 routing weight and round the product
+        (Mixtral), rather than round the weights to the activations' dtype first (Qwen3-MoE); the two differ in
+        bfloat16 only."""
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(
@@ -70,6 +73,7 @@ class FusedMoE(nn.Module):
         self.top_k = top_k
         self.hidden_size = hidden_size
         self.renormalize = renormalize
+        self.float32_weights = float32_weights
         self.tp = tp
         self.intermediate_size = intermediate_size  # per expert, whole (all ranks)
         self.intermediate_per_rank = divide(intermediate_size, tp.size, "moe_intermediate_size")
@@ -121,8 +125,7 @@ class FusedMoE(nn.Module):
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         # x: [T, H]; router_logits: [T, E]
         weights, ids = route(router_logits, self.top_k, self.renormalize)
-        weights = weights.to(x.dtype)
-        out = self.experts(x, weights, ids)
+        out = self.experts(x, weights if self.float32_weights else weights.to(x.dtype), ids)
         self.tp.all_reduce(out)
         return out
 
@@ -148,7 +151,7 @@ class FusedMoE(nn.Module):
             gate_up = F.linear(x.index_select(0, rows), self.gate_up_proj[e])  # [n, 2 I_r]
             h = F.silu(gate_up[:, :i_r]) * gate_up[:, i_r:]
             y = F.linear(h, self.down_proj[e])  # [n, H]
-            out.index_add_(0, rows, y * slot_weights[start : start + n, None])
+            out.index_add_(0, rows, (y * slot_weights[start : start + n, None]).to(out.dtype))
             start += n
         return out
 
@@ -163,12 +166,14 @@ class SparseMoeBlock(nn.Module):
 
     def __init__(
         self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int, renormalize: bool,
-        dtype: torch.dtype, tp: TPGroup, hidden_act: str = "silu",
+        dtype: torch.dtype, tp: TPGroup, hidden_act: str = "silu", float32_weights: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if hidden_act != "silu":
             raise ValueError(f"hidden_act {hidden_act!r} is not supported for experts (only 'silu')")
-        self.experts = FusedMoE(num_experts, top_k, hidden_size, intermediate_size, renormalize, dtype, tp)
+        self.experts = FusedMoE(
+            num_experts, top_k, hidden_size, intermediate_size, renormalize, dtype, tp, float32_weights
+        )
         self.gate = ReplicatedLinear(hidden_size, num_experts, False, dtype)
         # The C decode loop (models/native_decode.py) has no experts kernel: a layer without kernels makes it
         # decline the whole model, which then runs the per-layer path.

@@ -43,6 +43,10 @@ class MoeForCausalLM(DecoderForCausalLM):
                 "mixture-of-experts weights are not quantized yet; run it unquantized (float32)"
             )
 
+    # Mixtral scales expert outputs by float32 routing weights; Qwen3-MoE rounds the weights to the activations'
+    # dtype first (see FusedMoE; the same in float32).
+    float32_routing_weights = False
+
     @classmethod
     def moe_settings(cls, hf_config: Any) -> tuple[int, int, int, bool]:
         """(num_experts, top_k, expert intermediate size, renormalize the top-k weights)."""
@@ -59,7 +63,7 @@ class MoeForCausalLM(DecoderForCausalLM):
         num_experts, top_k, inter, renormalize = cls.moe_settings(hf_config)
         return SparseMoeBlock(
             hf_config.hidden_size, num_experts, top_k, inter, renormalize, ctx.dtype, ctx.tp,
-            getattr(hf_config, "hidden_act", "silu"),
+            getattr(hf_config, "hidden_act", "silu"), cls.float32_routing_weights,
         )  # fmt: skip
 
     def expert_checkpoint_target(self, name: str) -> tuple[str, Any] | None:
@@ -100,6 +104,8 @@ class Qwen3MoeForCausalLM(MoeForCausalLM):
 class MixtralForCausalLM(MoeForCausalLM):
     """Mixtral: the Llama/Mistral decoder with every layer sparse; top-k weights always renormalised, experts
     ``intermediate_size`` wide."""
+
+    float32_routing_weights = True
 
     @classmethod
     def moe_settings(cls, hf_config: Any) -> tuple[int, int, int, bool]:

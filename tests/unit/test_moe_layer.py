@@ -137,3 +137,36 @@ def test_bad_sizes_are_named() -> None:
         layer.weight_loader(layer.gate_up_proj, torch.zeros(INTER, H - 1), ExpertPart(0, GATE))
     with pytest.raises(ValueError, match="expert 8 does not exist"):
         layer.weight_loader(layer.gate_up_proj, torch.zeros(INTER, H), ExpertPart(8, GATE))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_bit_identical_to_transformers_block(arch: str, dtype: torch.dtype) -> None:
+    """transformers' own sparse block (eager experts loop) on the same weights: the same bits, in float32 and in
+    bfloat16 (where Mixtral's float32 routing weights and Qwen3-MoE's rounded ones differ)."""
+    from transformers import MixtralConfig, Qwen3MoeConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    if arch == "qwen3_moe":
+        config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=INTER, num_experts=E, num_experts_per_tok=2)
+        config._experts_implementation = "eager"
+        theirs, renormalize, float32_weights = Qwen3MoeSparseMoeBlock(config), config.norm_topk_prob, False
+    else:
+        config = MixtralConfig(hidden_size=H, intermediate_size=INTER, num_local_experts=E, num_experts_per_tok=2)
+        config._experts_implementation = "eager"
+        theirs, renormalize, float32_weights = MixtralSparseMoeBlock(config), True, True
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    theirs = theirs.to(dtype).eval()
+    ours = SparseMoeBlock(H, E, 2, INTER, renormalize, dtype, TPGroup(), float32_weights=float32_weights)
+    ours.experts.gate_up_proj.data.copy_(theirs.experts.gate_up_proj)
+    ours.experts.down_proj.data.copy_(theirs.experts.down_proj)
+    ours.gate.weight.data.copy_(theirs.gate.weight)
+    x = torch.randn(1, 50, H, generator=g).to(dtype)
+    with torch.no_grad():
+        want = theirs(x)
+        want = want[0] if isinstance(want, tuple) else want
+        assert torch.equal(ours(x[0]), want[0])
