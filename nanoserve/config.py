@@ -152,8 +152,10 @@ class EngineConfig:
             quantization_skip,
         )  # fmt: skip
         if quant is not None:
+            from nanoserve.models.registry import resolve_architecture
             from nanoserve.quantization.config import check_tensor_parallel
 
+            resolve_architecture(hf_config).check_quantization(quant)  # e.g. experts: not quantized yet
             check_tensor_parallel(hf_config, tensor_parallel_size, quant, usable_tensor_parallel_sizes(hf_config))
         if quant is not None and (device != "cpu" or torch_dtype != torch.float32):
             raise ValueError(
@@ -261,6 +263,8 @@ def check_tensor_parallel_split(hf_config: Any, tp: int) -> None:
 
     divide(hf_config.num_attention_heads, tp, "num_attention_heads")
     divide(hf_config.intermediate_size, tp, "intermediate_size")
+    if getattr(hf_config, "moe_intermediate_size", None):  # Qwen3-MoE's experts (Mixtral's use intermediate_size)
+        divide(hf_config.moe_intermediate_size, tp, "moe_intermediate_size")
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
     if kv_heads >= tp:
         divide(kv_heads, tp, "num_key_value_heads")

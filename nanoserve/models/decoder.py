@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,10 +123,13 @@ class DecoderMLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int) -> None:
+    def __init__(
+        self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int, mlp: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.self_attn = DecoderAttention(hf_config, flags, ctx, layer_index)
-        self.mlp = DecoderMLP(hf_config, flags, ctx)
+        # ``mlp``: another feed-forward for this layer (a mixture of experts); the dense SwiGLU MLP by default.
+        self.mlp = mlp if mlp is not None else DecoderMLP(hf_config, flags, ctx)
         self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
         self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
 
@@ -141,11 +145,21 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+MlpBuilder = Callable[[Any, DecoderFlags, BuildContext, int], "nn.Module | None"]
+
+
 class DecoderModel(nn.Module):
-    def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
+    def __init__(
+        self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, build_mlp: MlpBuilder | None = None
+    ) -> None:
+        """``build_mlp(hf_config, flags, ctx, layer_index)``: layer ``layer_index``'s feed-forward, or None for
+        the dense MLP (mixture-of-experts models give some layers experts)."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
-        self.layers = nn.ModuleList(DecoderLayer(hf_config, flags, ctx, i) for i in range(hf_config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(hf_config, flags, ctx, i, build_mlp(hf_config, flags, ctx, i) if build_mlp else None)
+            for i in range(hf_config.num_hidden_layers)
+        )
         self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
         # The native attention path reads the rotary tables itself; torch ops need this step's rows gathered.
         self.rope_lookup = any(layer.self_attn.kernels is None for layer in self.layers)
@@ -193,7 +207,7 @@ class DecoderForCausalLM(nn.Module):
     def __init__(self, hf_config: Any, ctx: BuildContext) -> None:
         super().__init__()
         flags = self.flags_for(hf_config)
-        self.model = DecoderModel(hf_config, flags, ctx)
+        self.model = DecoderModel(hf_config, flags, ctx, self.build_mlp)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
         self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
         if self.tie_word_embeddings:
@@ -207,6 +221,16 @@ class DecoderForCausalLM(nn.Module):
     @classmethod
     def flags_for(cls, hf_config: Any) -> DecoderFlags:
         return cls.flags
+
+    @classmethod
+    def check_quantization(cls, quantization: Any) -> None:
+        """Raise ValueError if this model cannot hold the low-bit weights ``quantization`` asks for (a
+        ``QuantizationConfig``, or None). Called while the engine options are checked, before any rank starts."""
+
+    @classmethod
+    def build_mlp(cls, hf_config: Any, flags: DecoderFlags, ctx: BuildContext, layer_index: int) -> nn.Module | None:
+        """Layer ``layer_index``'s feed-forward; None: the dense MLP (every layer of a dense model)."""
+        return None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         return self.model(input_ids, positions, meta)

@@ -61,6 +61,8 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
     params = dict(model.named_parameters(remove_duplicate=False))
     quantized = _quantized_modules(model)
     packed = getattr(model, "packed_modules_mapping", {})
+    # Mixture-of-experts models map expert tensors (per expert or stacked) onto stacked parameters themselves.
+    expert_target = getattr(model, "expert_checkpoint_target", lambda name: None)
     tied = getattr(model, "tie_word_embeddings", False)
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -72,7 +74,7 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                     continue
                 if tied and name == "lm_head.weight":
                     continue  # some tied checkpoints store a copy; the embedding is authoritative
-                target, shard_id = checkpoint_target(name, packed)
+                target, shard_id = expert_target(name) or checkpoint_target(name, packed)
                 module_name, _, suffix = target.rpartition(".")
                 module = quantized.get(module_name)
                 if module is not None and suffix in sum(module.quant.suffixes, ()):
@@ -91,11 +93,18 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                     loader(param, f.get_slice(name), shard_id)
                 except (ValueError, RuntimeError) as exc:  # name the tensor: the layer only knows shapes
                     raise ValueError(f"checkpoint tensor {name} ({path.name}): {exc}") from exc
-                loaded.add(target if shard_id is None else f"{target}#{shard_id}")
+                # A parameter filled piecewise by parts of several kinds (experts: one tensor per expert, or
+                # one stacked tensor for all) says which of its parts a tensor filled.
+                filled = getattr(param, "parts_filled", None)
+                parts = filled(shard_id) if filled is not None else [shard_id]
+                loaded.update(target if s is None else f"{target}#{s}" for s in parts)
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")
     def parts_of(name: str) -> list[str]:
         """The keys ``loaded`` holds for parameter (or tensor) ``name``: one per part of a fused module."""
+        declared = getattr(params.get(name), "checkpoint_parts", None)
+        if declared is not None:
+            return [f"{name}#{s}" for s in declared]
         module_name = name.rsplit(".", 1)[0]
         shards = [s for ckpt, (ours, s) in packed.items() if module_name.endswith(ours)]
         return [f"{name}#{s}" for s in shards] if shards else [name]

@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from nanoserve.models.llama import LlamaForCausalLM
+from nanoserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from nanoserve.models.qwen2 import Qwen2ForCausalLM
 from nanoserve.models.qwen3 import Qwen3ForCausalLM
 
@@ -15,6 +16,8 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

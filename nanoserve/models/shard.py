@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from nanoserve.layers.attention import Attention
 from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+from nanoserve.layers.moe import FusedMoE, SparseMoeBlock
 from nanoserve.layers.norm import RMSNorm
 from nanoserve.models.decoder import BuildContext, DecoderAttention, DecoderMLP
 
@@ -31,6 +32,7 @@ WEIGHT_PARTS: tuple[tuple[type[nn.Module], str], ...] = (
     (VocabParallelEmbedding, "embedding"),
     (DecoderAttention, "attention"),
     (DecoderMLP, "mlp"),
+    (SparseMoeBlock, "mlp"),  # router and experts
 )
 PART_NAMES = ("embedding", "lm_head", "attention", "mlp", "norms")
 
@@ -106,8 +108,24 @@ def kv_head_replicas(model: nn.Module) -> int:
 
 
 def mlp_width(model: nn.Module) -> int:
-    """The widest per-rank intermediate activation of the MLPs (``intermediate_size / tp`` for the decoder)."""
-    return max((max(m.out_sizes) for m in model.modules() if isinstance(m, MergedColumnParallelLinear)), default=0)
+    """The widest per-rank intermediate activation of the MLPs (``intermediate_size / tp`` for the decoder; an
+    experts layer runs ``top_k`` experts' intermediates per token)."""
+    dense = (max(m.out_sizes) for m in model.modules() if isinstance(m, MergedColumnParallelLinear))
+    experts = (m.top_k * m.intermediate_per_rank for m in model.modules() if isinstance(m, FusedMoE))
+    return max((*dense, *experts), default=0)
+
+
+def expert_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of this rank's expert weights (every expert of every sparse layer; routers not included)."""
+    return sum(_nbytes(p) for m in model.modules() if isinstance(m, FusedMoE) for p in m.parameters())
+
+
+def active_parameter_bytes(model: nn.Module) -> int:
+    """Bytes of this rank's weights one token's forward reads: all of :func:`parameter_bytes` but, in each
+    experts layer, only ``top_k`` of its experts. (The embedding is counted whole, as a table.)"""
+    experts = [m for m in model.modules() if isinstance(m, FusedMoE)]
+    inactive = sum(_nbytes(m.gate_up_proj) + _nbytes(m.down_proj) - m.active_parameter_bytes() for m in experts)
+    return parameter_bytes(model) - inactive
 
 
 def kv_cache_shape(layer: Attention, num_blocks: int, block_size: int) -> tuple[int, ...]:

@@ -1,8 +1,8 @@
 """Deterministic random-weight Hugging Face checkpoints of real architectures, built offline.
 
 Nothing can be downloaded in tests, so every checkpoint nanoserve is tested against is made here:
-transformers' own model classes (``Qwen3ForCausalLM``, ``Qwen2ForCausalLM``, ``LlamaForCausalLM``)
-with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
+transformers' own model classes (``Qwen3ForCausalLM``, ``Qwen2ForCausalLM``, ``LlamaForCausalLM``,
+the mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM``) with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
 byte-level BPE tokenizer trained on a corpus generated in code.
 
 The same ``(arch, kwargs, seed)`` gives byte-identical files on every run (weights come from a
@@ -39,7 +39,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama")
+SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "qwen3_moe", "mixtral")
+MOE_ARCHS = ("qwen3_moe", "mixtral")
+EXPERT_LAYOUTS = ("per_expert", "stacked")
 
 # Init scales chosen so that greedy decoding of a tiny random model is *not* near-constant: with the
 # default std 0.02 every position predicts almost the same token and parity tests see nothing.
@@ -79,8 +81,24 @@ DEFAULT_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         arch="llama", num_attention_heads=4, num_key_value_heads=4, config_style="v4", num_hidden_layers=3, seed=5
     ),
     "qwen3-sharded": dict(arch="qwen3", num_shards=2, hidden_size=128, intermediate_size=256, seed=6),
+    # Mixture of experts: 8 experts, top-2 and top-3, experts 32 wide. Dense and sparse layers mix: layer 1 is
+    # dense through mlp_only_layers here, layers 0 and 2 through decoder_sparse_step=2 below; top-k weights
+    # renormalised here, not below; one tensor per expert here (the hub's layout), stacked below.
+    "qwen3-moe": dict(
+        arch="qwen3_moe", num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+        mlp_only_layers=[1], norm_topk_prob=True, seed=7,
+    ),
+    "qwen3-moe-step2-stacked": dict(
+        arch="qwen3_moe", num_hidden_layers=4, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+        decoder_sparse_step=2, norm_topk_prob=False, expert_layout="stacked", seed=8,
+    ),
+    # Mixtral: every layer sparse, experts intermediate_size wide, always renormalised; w1/w3/w2 names.
+    "mixtral": dict(
+        arch="mixtral", num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_experts=8,
+        num_experts_per_tok=2, seed=9,
+    ),
 }
-"""Test matrix: name -> ``build_checkpoint`` kwargs. All tiny (hidden <= 128, layers <= 3)."""
+"""Test matrix: name -> ``build_checkpoint`` kwargs. All tiny (hidden <= 128, layers <= 4)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,9 +253,12 @@ def _make_config(
     rms_norm_eps: float,
     torch_dtype: str,
     eos_id: int,
+    moe: dict[str, Any] | None = None,
 ) -> Any:
-    """The transformers config for ``arch``, rope given the transformers-5 way (``rope_parameters``)."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    """The transformers config for ``arch``, rope given the transformers-5 way (``rope_parameters``).
+    ``moe``: the mixture-of-experts fields (``num_experts``, ``num_experts_per_tok``, and for qwen3_moe
+    ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``, ``mlp_only_layers``)."""
+    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
@@ -282,9 +303,20 @@ def _make_config(
         pad_token_id=eos_id,
         dtype=torch_dtype,
     )
+    moe = dict(moe or {})
     if arch == "qwen3":
         config = Qwen3Config(**common, head_dim=head_dim)
         config.architectures = ["Qwen3ForCausalLM"]
+    elif arch == "qwen3_moe":
+        config = Qwen3MoeConfig(**common, head_dim=head_dim, **moe)
+        config.architectures = ["Qwen3MoeForCausalLM"]
+    elif arch == "mixtral":
+        # Mixtral's experts are intermediate_size wide; it has no moe_intermediate_size or norm_topk_prob.
+        config = MixtralConfig(
+            **common, head_dim=head_dim, num_local_experts=moe["num_experts"],
+            num_experts_per_tok=moe["num_experts_per_tok"],
+        )  # fmt: skip
+        config.architectures = ["MixtralForCausalLM"]
     elif arch == "qwen2":
         config = Qwen2Config(**common)
         config.architectures = ["Qwen2ForCausalLM"]
@@ -295,9 +327,14 @@ def _make_config(
 
 
 def _model_class(arch: str) -> type:
-    from transformers import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+    import transformers
 
-    return {"qwen3": Qwen3ForCausalLM, "qwen2": Qwen2ForCausalLM, "llama": LlamaForCausalLM}[arch]
+
+    names = {
+        "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+    }  # fmt: skip
+    return getattr(transformers, names[arch])
 
 
 @torch.no_grad()
@@ -320,6 +357,11 @@ def _reinit_weights(model: nn.Module, seed: int) -> None:
             module.weight.normal_(0.0, LINEAR_STD, generator=gen)
             if module.bias is not None:
                 module.bias.normal_(0.0, BIAS_STD, generator=gen)
+        elif type(module).__name__.endswith(("Experts", "TopKRouter")):
+            # stacked expert weights [E, out, in] and the router [E, hidden]: projections like any other, so
+            # routing depends on the input as strongly as attention does
+            for p in params:
+                p.normal_(0.0, LINEAR_STD, generator=gen)
         elif type(module).__name__.endswith("RMSNorm"):
             w = module.weight
             center = QK_NORM_CENTER if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm") else 1.0
@@ -406,6 +448,13 @@ def build_checkpoint(
     num_shards: int = 1,
     seed: int = 0,
     torch_dtype: str = "float32",
+    num_experts: int = 8,
+    num_experts_per_tok: int = 2,
+    moe_intermediate_size: int = 32,
+    norm_topk_prob: bool = True,
+    decoder_sparse_step: int = 1,
+    mlp_only_layers: list[int] | None = None,
+    expert_layout: str = "per_expert",
 ) -> pathlib.Path:
     """Write a random-weight Hugging Face checkpoint of ``arch`` to ``path`` and return ``path``.
 
@@ -419,6 +468,13 @@ def build_checkpoint(
     value, qwen2 does not (``ValueError``). ``rope_scaling`` is a 4.x-style dict such as
     ``{"rope_type": "llama3", "factor": 8.0, ...}``. ``config_style="v4"`` rewrites ``config.json`` in
     the transformers-4.x shape; both styles load to the same model. Deterministic in all arguments.
+
+    Mixture-of-experts archs (``qwen3_moe``, ``mixtral``) read ``num_experts``, ``num_experts_per_tok`` and,
+    for qwen3_moe, ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``,
+    ``mlp_only_layers`` (mixtral's experts are ``intermediate_size`` wide); dense archs ignore them.
+    ``expert_layout``: ``"per_expert"`` writes one tensor per expert and projection (the hub's layout, and
+    ``save_pretrained``'s default), ``"stacked"`` the fused ``experts.gate_up_proj`` / ``experts.down_proj``
+    tensors transformers 5 holds in memory (``save_original_format=False``).
     """
     from transformers import GenerationConfig
 
@@ -428,7 +484,17 @@ def build_checkpoint(
         raise ValueError(f"torch_dtype must be one of {', '.join(_DTYPES)}, got {torch_dtype!r}")
     if num_shards < 1:
         raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    if expert_layout not in EXPERT_LAYOUTS:
+        raise ValueError(f"expert_layout must be one of {', '.join(EXPERT_LAYOUTS)}, got {expert_layout!r}")
     path = pathlib.Path(path)
+    moe = None
+    if arch in MOE_ARCHS:
+        moe = dict(num_experts=num_experts, num_experts_per_tok=num_experts_per_tok)
+        if arch == "qwen3_moe":
+            moe.update(
+                moe_intermediate_size=moe_intermediate_size, norm_topk_prob=norm_topk_prob,
+                decoder_sparse_step=decoder_sparse_step, mlp_only_layers=list(mlp_only_layers or []),
+            )  # fmt: skip
 
     tokenizer = build_tokenizer(vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids(EOS_TOKEN)
@@ -449,6 +515,7 @@ def build_checkpoint(
         rms_norm_eps=rms_norm_eps,
         torch_dtype=torch_dtype,
         eos_id=eos_id,
+        moe=moe,
     )
 
     torch.manual_seed(seed)
@@ -475,7 +542,10 @@ def build_checkpoint(
     bars_were_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(
+            path, safe_serialization=True, max_shard_size=max_shard_size,
+            save_original_format=expert_layout == "per_expert",
+        )  # fmt: skip
     finally:
         if bars_were_enabled:
             hf_logging.enable_progress_bar()

@@ -7,7 +7,8 @@ Choices made for exactness, not speed:
     score: exactly ``max_new_tokens`` tokens always come back, EOS included if it is the argmax;
   * ``attn_implementation="eager"``: plain ``softmax(q k^T) v`` in PyTorch, deterministic on CPU and
     GPU and the same math a pure-torch reference backend does (sdpa may pick fused kernels whose
-    reduction order varies by device and shape).
+    reduction order varies by device and shape); ``experts_implementation="eager"`` likewise for
+    mixture-of-experts layers.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ def load_hf_model(model_path: str | os.PathLike[str], dtype: torch.dtype = torch
         archs = json.loads((path / "config.json").read_text()).get("architectures")
     except (OSError, ValueError) as e:
         raise ValueError(f"{path} is not a Hugging Face checkpoint (no readable config.json): {e}") from e
+    # Mixture-of-experts layers the same way: transformers' plain loop over the chosen experts, not a grouped
+    # matmul kernel (dense models accept and ignore the setting).
+    extra.setdefault("experts_implementation", "eager")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **extra)
     except (ValueError, KeyError, OSError, ImportError, AttributeError, TypeError) as e:

@@ -36,7 +36,9 @@ otherwise, 2 for invalid options.
     host_available_bytes   CPU: the host's available memory now (null on CUDA)
     ranks[]                per rank: rank, weight_bytes, weights {embedding, lm_head, attention, mlp, norms},
                            rotary_table_bytes (cos/sin buffers, not weights), num_kv_heads, kv_bytes_per_block,
-                           kv_budget_bytes (after cap and scale), budget_source, budget_scale, local_num_blocks
+                           kv_budget_bytes (after cap and scale), budget_source, budget_scale, local_num_blocks,
+                           expert_bytes (mixture-of-experts weights, 0 for a dense model; part of weights.mlp),
+                           active_weight_bytes (the weights one token reads: only top-k experts per sparse layer)
     num_blocks             the agreed count (min over ranks); num_tokens = num_blocks * block_size
     short_rank             the rank with the fewest blocks
     blocks_per_max_len_seq blocks one sequence of max_model_len needs
@@ -100,6 +102,8 @@ class RankPlan:
     budget_source: str
     budget_scale: float
     local_num_blocks: int
+    expert_bytes: int = 0
+    active_weight_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,14 @@ class Plan:
             lines += [
                 f"  weights of rank 0: embedding {fmt_bytes(w.embedding)}, lm_head {head}, attention {fmt_bytes(w.attention)}, "
                 f"mlp {fmt_bytes(w.mlp)}, norms {fmt_bytes(w.norms)}; plus rotary tables {fmt_bytes(self.ranks[0].rotary_table_bytes)}",
+            ]
+            r0 = self.ranks[0]
+            if r0.expert_bytes:
+                lines.append(
+                    f"  mixture of experts, rank 0: experts {fmt_bytes(r0.expert_bytes)} of the weights; one token reads "
+                    f"{fmt_bytes(r0.active_weight_bytes)} of {fmt_bytes(r0.weight_bytes)} (its top-k experts per sparse layer)"
+                )
+            lines += [
                 f"  agreed: {self.num_blocks} blocks x {self.block_size} tokens = {self.num_tokens} tokens of KV cache on every rank"
                 + (
                     f" (rank {self.short_rank} holds the fewest)"
@@ -321,6 +333,8 @@ class ShardSizes:
     kv_head_replicas: int
     kv_bytes_per_block: int  # ``shard.kv_bytes_per_block``, the runner's own function
     mlp_width: int  # the widest per-rank MLP activation (for the CUDA activation estimate)
+    expert_bytes: int  # mixture-of-experts weights (0 for a dense model)
+    active_weight_bytes: int  # what one token's forward reads: top-k experts per sparse layer
 
 
 def measure_shard(config: Any, rank: int) -> ShardSizes:
@@ -351,6 +365,8 @@ def measure_shard(config: Any, rank: int) -> ShardSizes:
         kv_head_replicas=shard.kv_head_replicas(model),
         kv_bytes_per_block=shard.kv_bytes_per_block(layers, config.block_size, config.dtype),
         mlp_width=shard.mlp_width(model),
+        expert_bytes=shard.expert_parameter_bytes(model),
+        active_weight_bytes=shard.active_parameter_bytes(model),
     )
 
 
@@ -398,6 +414,7 @@ def make_plan(
                 rank=r, weight_bytes=s.weight_bytes, weights=s.weights, rotary_table_bytes=s.rotary_table_bytes,
                 num_kv_heads=s.num_kv_heads, kv_bytes_per_block=s.kv_bytes_per_block, kv_budget_bytes=scaled,
                 budget_source=how, budget_scale=scale, local_num_blocks=scaled // s.kv_bytes_per_block,
+                expert_bytes=s.expert_bytes, active_weight_bytes=s.active_weight_bytes,
             )
         )  # fmt: skip
 

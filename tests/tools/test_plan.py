@@ -32,7 +32,7 @@ DOCUMENTED_FIELDS = {
 }  # fmt: skip
 RANK_FIELDS = {
     "rank", "weight_bytes", "weights", "rotary_table_bytes", "num_kv_heads", "kv_bytes_per_block",
-    "kv_budget_bytes", "budget_source", "budget_scale", "local_num_blocks",
+    "kv_budget_bytes", "budget_source", "budget_scale", "local_num_blocks", "expert_bytes", "active_weight_bytes",
 }  # fmt: skip
 
 

@@ -26,7 +26,10 @@ from nanoserve.tools import demo
 
 TEXT = "Hello world, the quick brown fox jumps over 13 lazy dogs!\n\tSecond line: ok? <|im_end|> done."
 
-EXPECTED_ARCHITECTURE = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+EXPECTED_ARCHITECTURE = {
+    "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+}  # fmt: skip
 
 
 def _sha256(path: pathlib.Path) -> str:
