@@ -39,7 +39,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 EXPERT_LAYOUTS = ("per_expert", "stacked")
 
@@ -81,6 +81,13 @@ DEFAULT_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         arch="llama", num_attention_heads=4, num_key_value_heads=4, config_style="v4", num_hidden_layers=3, seed=5
     ),
     "qwen3-sharded": dict(arch="qwen3", num_shards=2, hidden_size=128, intermediate_size=256, seed=6),
+    # Sliding-window attention with a window of 8, far shorter than the test prompts: Mistral v0.1 style (every
+    # layer), and Qwen2 style (layers from max_window_layers up slide, layer 0 attends to everything).
+    "mistral-window": dict(arch="mistral", extra_config={"sliding_window": 8}, seed=10),
+    "qwen2-window": dict(
+        arch="qwen2", num_hidden_layers=3, num_key_value_heads=2,
+        extra_config={"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}, seed=11,
+    ),  # fmt: skip
     # Mixture of experts: 8 experts, top-2 and top-3, experts 32 wide. Dense and sparse layers mix: layer 1 is
     # dense through mlp_only_layers here, layers 0 and 2 through decoder_sparse_step=2 below; top-k weights
     # renormalised here, not below; one tensor per expert here (the hub's layout), stacked below.
@@ -254,11 +261,12 @@ def _make_config(
     torch_dtype: str,
     eos_id: int,
     moe: dict[str, Any] | None = None,
+    extra_config: dict[str, Any] | None = None,
 ) -> Any:
     """The transformers config for ``arch``, rope given the transformers-5 way (``rope_parameters``).
     ``moe``: the mixture-of-experts fields (``num_experts``, ``num_experts_per_tok``, and for qwen3_moe
     ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``, ``mlp_only_layers``)."""
-    from transformers import LlamaConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
 
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
@@ -304,6 +312,7 @@ def _make_config(
         dtype=torch_dtype,
     )
     moe = dict(moe or {})
+    common.update(extra_config or {})  # e.g. sliding_window, use_sliding_window, max_window_layers, layer_types
     if arch == "qwen3":
         config = Qwen3Config(**common, head_dim=head_dim)
         config.architectures = ["Qwen3ForCausalLM"]
@@ -320,6 +329,9 @@ def _make_config(
     elif arch == "qwen2":
         config = Qwen2Config(**common)
         config.architectures = ["Qwen2ForCausalLM"]
+    elif arch == "mistral":
+        config = MistralConfig(**{"sliding_window": None, **common}, head_dim=head_dim)
+        config.architectures = ["MistralForCausalLM"]
     else:
         config = LlamaConfig(**common, head_dim=head_dim)
         config.architectures = ["LlamaForCausalLM"]
@@ -332,6 +344,7 @@ def _model_class(arch: str) -> type:
 
     names = {
         "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+        "mistral": "MistralForCausalLM",
         "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
     }  # fmt: skip
     return getattr(transformers, names[arch])
@@ -455,6 +468,7 @@ def build_checkpoint(
     decoder_sparse_step: int = 1,
     mlp_only_layers: list[int] | None = None,
     expert_layout: str = "per_expert",
+    extra_config: dict[str, Any] | None = None,
 ) -> pathlib.Path:
     """Write a random-weight Hugging Face checkpoint of ``arch`` to ``path`` and return ``path``.
 
@@ -475,6 +489,8 @@ def build_checkpoint(
     ``expert_layout``: ``"per_expert"`` writes one tensor per expert and projection (the hub's layout, and
     ``save_pretrained``'s default), ``"stacked"`` the fused ``experts.gate_up_proj`` / ``experts.down_proj``
     tensors transformers 5 holds in memory (``save_original_format=False``).
+    ``extra_config``: more fields for the architecture's config class (``sliding_window``, ``use_sliding_window``,
+    ``max_window_layers``, ``layer_types``, ...); ``mistral`` has no sliding window unless given one.
     """
     from transformers import GenerationConfig
 
@@ -516,6 +532,7 @@ def build_checkpoint(
         torch_dtype=torch_dtype,
         eos_id=eos_id,
         moe=moe,
+        extra_config=extra_config,
     )
 
     torch.manual_seed(seed)

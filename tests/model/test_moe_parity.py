@@ -225,13 +225,19 @@ def test_quantized_experts_are_refused(checkpoint: CheckpointCache, tp: int) -> 
         LLM(str(checkpoint("mixtral")), quantization="int4", kv_cache_memory="1MiB")
 
 
-def test_mixtral_with_a_sliding_window_serves_within_it(checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
-    """As for Mistral: no sliding-window attention yet, so the context is capped at the window (where full
-    attention is the same thing) and a longer explicit one is refused."""
-    path = str(patched_copy(checkpoint("mixtral"), tmp_path / "m", sliding_window=16))
-    assert EngineConfig.create(path).max_model_len == 16
-    with pytest.raises(ValueError, match=r"longer than the sliding window \(16 tokens\)"):
-        EngineConfig.create(path, max_model_len=64)
+def test_mixtral_with_a_sliding_window_matches_transformers(checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
+    """Mixtral's sliding_window (every layer, as Mistral's) through the shared decoder: prompts and outputs well
+    past a window of 8 give transformers' tokens, and the context is not capped at the window."""
+    from nanoserve.testing.reference import hf_greedy
+
+    path = str(patched_copy(checkpoint("mixtral"), tmp_path / "m", sliding_window=8))
+    assert EngineConfig.create(path).max_model_len == EngineConfig.create(str(checkpoint("mixtral"))).max_model_len
+    prompts = make_prompts(vocab_size_of("mixtral"), 3, seed=23, min_len=12, max_len=40)
+    refs = hf_greedy(path, prompts, MAX_TOKENS)
+    with LLM(path, block_size=4, kv_cache_memory="2MiB", max_model_len=128, max_num_batched_tokens=16) as llm:
+        outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+        assert [a.sliding_window for a in llm.engine.executor.runner.model.attention_layers()] == [8, 8]
+    assert_matches_reference(outputs, refs, prompts)
 
 
 def test_reference_routing_depends_on_the_input(checkpoint: CheckpointCache) -> None:
