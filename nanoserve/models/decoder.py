@@ -75,10 +75,8 @@ class DecoderAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend,
                               sliding_window_of(hf_config, layer_index))  # fmt: skip
-        # The C kernel rotates whole heads; partial rotary (Phi-4-mini) takes the torch path (and so no C
-        # decode loop either: native_decode declines a layer without kernels).
-        full_rotary = rotary_dim(hf_config, head_dim) == head_dim
-        self.kernels = ctx.kernels if native.rope_supported(head_dim) and full_rotary else None
+        # Partial rotary (Phi-4-mini) rotates the first rotary_dim dims of each head, in the kernel as in torch.
+        self.kernels = ctx.kernels if native.rope_supported(head_dim, rotary_dim(hf_config, head_dim)) else None
 
     def forward(self, rope: RopeStep, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]

@@ -72,17 +72,23 @@ def rank_rows(w: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------- fused tensors
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("name", [PHI3, PHI4])
 def test_fused_tensors_split_into_each_ranks_parts(
     name: str, tp: int, checkpoint: CheckpointCache, hf_reference: ReferenceCache
 ) -> None:
+    """Each rank's q, k, v heads and gate, up rows, cut from transformers' fused tensors; at TP 4 Phi-4-mini's
+    2 KV heads are replicated (ranks 0, 1 hold KV head 0; ranks 2, 3 KV head 1)."""
     path = checkpoint(name)
     hf_model = hf_reference.model(name)
+    kv_heads = hf_model.config.num_key_value_heads
     for rank in range(tp):
         model = build(path, rank, tp)
         for i, layer in enumerate(model.model.layers):
-            want = {k: rank_rows(v, rank, tp) for k, v in hf_parts(hf_model, i).items()}
+            parts = hf_parts(hf_model, i)
+            want = {k: rank_rows(v, rank, tp) for k, v in parts.items()}
+            if kv_heads < tp:  # replicated: rank r holds KV head r // (tp // kv_heads)
+                want.update({k: rank_rows(parts[k], rank // (tp // kv_heads), kv_heads) for k in ("k", "v")})
             qkv = layer.self_attn.qkv_proj.weight
             assert torch.equal(qkv, torch.cat([want["q"], want["k"], want["v"]])), f"rank {rank} layer {i} qkv"
             gate_up = layer.mlp.gate_up_proj.weight
@@ -186,6 +192,46 @@ def test_partial_rotary_matches_transformers(checkpoint: CheckpointCache, hf_ref
     assert torch.equal(apply_rotary(q, cos, sin)[..., 48:], q[..., 48:])  # the last quarter passes through
 
 
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_partial_rotary_in_the_c_kernel_matches_torch(qk_norm: bool) -> None:
+    """The rope kernel rotates the first R dims of each head from [P, R] tables and leaves the rest as they were;
+    the rotated part agrees with the torch path within the whole-head kernel's tolerance
+    (tests/unit/test_native_kernels.py)."""
+    from nanoserve.layers import native
+    from nanoserve.layers.norm import RMSNorm
+
+    lib = native.load()
+    if lib is None:
+        pytest.skip("no C compiler: the torch path is the only one")
+    heads, kv_heads, head_dim, rot, tokens, num_slots = 4, 2, 64, 48, 9, 32
+    assert native.rope_supported(head_dim, rot) and not native.rope_supported(head_dim, 24)
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g)
+    positions = torch.randint(0, 100, (tokens,), generator=g)
+    freqs = torch.rand(100, rot // 2, generator=g) * 3
+    cos, sin = torch.cat([freqs, freqs], -1).cos(), torch.cat([freqs, freqs], -1).sin()  # [P, R]
+    w = [torch.rand(head_dim, generator=g) + 0.5 for _ in range(2)] if qk_norm else [None, None]
+    slots = torch.randperm(num_slots, generator=g)[:tokens]
+    kv_cache = torch.zeros(2, num_slots // 4, 4, kv_heads, head_dim)
+    q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    if qk_norm:
+        norms = [RMSNorm(head_dim, 1e-6, torch.float32) for _ in range(2)]
+        for n, weight in zip(norms, w):
+            n.weight.data = weight
+        q, k = norms[0]._norm(q), norms[1]._norm(k)
+    c, s = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+    want_q, want_k = apply_rotary(q, c, s), apply_rotary(k, c, s)
+    native.qk_norm_rope_store(lib, qkv, heads, kv_heads, head_dim, cos, sin, positions, w[0], w[1], 1e-6, slots, kv_cache)
+    got_q = qkv[:, : heads * head_dim].view(tokens, heads, head_dim)
+    got_k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(tokens, kv_heads, head_dim)
+    torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+    if not qk_norm:  # the dims past R are untouched (normed ones differ from torch's norm by rounding only)
+        assert torch.equal(got_q[..., rot:], want_q[..., rot:]) and torch.equal(got_k[..., rot:], want_k[..., rot:])
+    torch.testing.assert_close(kv_cache[0].view(-1, kv_heads, head_dim)[slots], got_k, rtol=0, atol=0)
+
+
 def test_partial_rotary_from_a_transformers_4_config(tmp_path: Any) -> None:
     """Phi-4-mini's hub config.json (4.x shape): ``partial_rotary_factor`` at top level, ``rope_scaling``."""
     cfg = {
@@ -209,7 +255,8 @@ def native_steps(llm: LLM) -> int:
 
 
 @pytest.mark.parametrize(
-    "name, native", [(PHI3, True), (PHI3, False), (PHI4, True)], ids=["phi3-c-kernels", "phi3-torch", "phi4-mini"]
+    "name, native", [(PHI3, True), (PHI3, False), (PHI4, True), (PHI4, False)],
+    ids=["phi3-c-kernels", "phi3-torch", "phi4-c-kernels", "phi4-torch"],
 )
 def test_parity_through_chunks_cache_hits_and_preemption(
     name: str, native: bool, checkpoint: CheckpointCache, hf_reference: ReferenceCache, monkeypatch: Any
@@ -240,7 +287,7 @@ def test_parity_through_chunks_cache_hits_and_preemption(
         assert_matches_reference(warm + outputs, refs, [shared + [5]] + prompts)
         assert_all_blocks_free(llm.engine)
         assert llm.engine.scheduler.num_preemptions > 0
-        assert (native_steps(llm) > 0) == (native and name == PHI3)  # partial rotary: never the C decode loop
+        assert (native_steps(llm) > 0) == native  # the C decode loop, partial rotary included
     assert all(o.num_cached_tokens >= 20 for o in outputs[:3]), [o.num_cached_tokens for o in outputs]
     assert any(c.start > WINDOW and len(c.token_ids) > 1 for step in trace.steps for c in step.chunks)
     assert any(not c.sample for step in trace.steps for c in step.chunks)
