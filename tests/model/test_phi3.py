@@ -308,3 +308,40 @@ def test_the_window_and_the_long_factors_change_the_output(
         with LLM(str(other), kv_cache_memory="2MiB", max_model_len=128) as llm:
             outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
         assert any(o.outputs[0].token_ids != r.token_ids for o, r in zip(outputs, refs)), change
+
+
+@torch.no_grad()
+def _greedy_prefilled_in_pieces(model: Any, prompt: list[int], first: int, max_tokens: int) -> list[int]:
+    """transformers' greedy tokens with the prompt's first ``first`` tokens in one call and the rest one call
+    per token: each call's largest position picks its factor set, so every position past ``first`` gets the
+    set of its own position."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+
+    def step(ids: list[int], start: int) -> torch.Tensor:
+        positions = torch.arange(start, start + len(ids))[None]
+        return model(input_ids=torch.tensor([ids]), position_ids=positions, use_cache=True, cache=cache).logits[0, -1]
+
+    logits = step(prompt[:first], 0)
+    for p in range(first, len(prompt)):
+        logits = step([prompt[p]], p)
+    tokens = []
+    for _ in range(max_tokens):
+        tokens.append(int(torch.argmax(logits)))
+        logits = step([tokens[-1]], len(prompt) + len(tokens) - 1)
+    return tokens
+
+
+def test_a_prompt_longer_than_the_original_length_follows_the_per_position_rule(
+    checkpoint: CheckpointCache, hf_reference: ReferenceCache
+) -> None:
+    """The documented difference, pinned down: for a prompt longer than original_max_position_embeddings,
+    transformers' single prefill rotates all of it with the long factors (other tokens here); nanoserve's
+    per-position table equals transformers fed the first 64 prompt tokens in one call and the rest one by one."""
+    prompts = make_prompts(vocab_size_of(PHI3), 2, seed=9, min_len=70, max_len=80)
+    model = hf_reference.model(PHI3)
+    with LLM(str(checkpoint(PHI3)), block_size=4, kv_cache_memory="2MiB", max_model_len=128, max_num_batched_tokens=24) as llm:
+        got = [o.outputs[0].token_ids for o in llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)]
+    assert got == [_greedy_prefilled_in_pieces(model, p, ORIGINAL, MAX_TOKENS) for p in prompts]
+    assert got != [r.token_ids for r in hf_reference(PHI3, prompts, MAX_TOKENS)]
