@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from nanoserve import LLM, SamplingParams
+from nanoserve import SamplingParams
+from nanoserve.config import load_hf_config
 from nanoserve.testing.reference import hf_greedy
 from tests.distributed.conftest import make_prompts
 from tests.distributed.test_tensor_parallel import assert_all_blocks_free, generate_ids
@@ -28,11 +29,12 @@ def test_phi3_tp2_matches_transformers_through_chunks_cache_hits_and_preemption(
     prompts = [shared + p for p in make_prompts(2, seed=4, low=3, high=20)] + make_prompts(4, seed=5, low=9, high=60)
     reference = hf_greedy(path, [shared + [5], *prompts], MAX_TOKENS)
     assert len({t for r in reference for t in r.token_ids}) > 20, "reference output too uniform to test anything"
-    with LLM(path, block_size=4, kv_cache_memory="1MiB", max_model_len=96) as probe:
-        per_block_tp1 = int(probe.kv_cache_info()["bytes_per_block"][0])
+    hf = load_hf_config(path)
+    # One rank's KV block: k and v, every layer, half the KV heads, 4 tokens of float32.
+    per_block = 2 * hf.num_hidden_layers * hf.num_key_value_heads // 2 * hf.hidden_size // hf.num_attention_heads * 4 * 4
     llm, trace = traced_llm(
         path, tensor_parallel_size=2, max_model_len=96, max_num_batched_tokens=12,
-        kv_cache_memory=NUM_BLOCKS * per_block_tp1 // 2,  # each rank holds half the KV heads
+        kv_cache_memory=NUM_BLOCKS * per_block,
     )  # fmt: skip
     with llm:
         engine = llm.engine
