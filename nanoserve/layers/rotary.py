@@ -92,8 +92,10 @@ class RotaryEmbedding(nn.Module):
     on from the long ones. For a prompt of at most that length this is exactly what transformers does, through
     any number of generated tokens (its decode steps at position p >= original use the long set, the cached
     prompt keys keep the short one). A longer prompt is another matter: transformers rotates all of it with the
-    long factors in one prefill, while here its early positions keep the short ones; a paged engine that
-    shares prefix blocks between prompts cannot follow a rule that depends on the whole prompt's length."""
+    long factors in one prefill, while here its early positions keep the short ones (the same as transformers
+    fed the first ``original`` tokens in one call and the rest one by one). Following transformers there would
+    take a factor set per request, in every step's positions and in the prefix cache's block hashes (a short
+    prompt's blocks are not a long prompt's); not done."""
 
     def __init__(self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype) -> None:
         super().__init__()
@@ -117,7 +119,7 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", sin, persistent=False)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cos, sin) of each position, shaped [T, 1, D] to broadcast over heads."""
+        """(cos, sin) of each position, shaped [T, 1, R] to broadcast over heads (R: the rotary dims)."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
     def step(self, positions: torch.Tensor, lookup: bool = True) -> RopeStep:
