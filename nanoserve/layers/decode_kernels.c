@@ -18,7 +18,7 @@
 void add_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const float *w, float eps,
                       int64_t T, int64_t H, float *out);
 void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                            const float *cos_t, const float *sin_t, const int64_t *positions,
+                            int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
                             const float *q_w, const float *k_w, float eps,
                             const int64_t *slots, float *k_cache, float *v_cache);
 void silu_mul_f32(const float *gu, int64_t T, int64_t I, float *out);
@@ -55,8 +55,9 @@ typedef struct {
 typedef struct {
     int64_t num_layers, hidden, num_heads, num_kv_heads, head_dim, intermediate, block_size;
     float eps, qk_eps, scale;
-    const float *cos_table, *sin_table;  /* [max_position, head_dim] */
+    const float *cos_table, *sin_table;  /* [max_position, rotary_dim] */
     const dk_layer *layers;
+    int64_t rotary_dim;                  /* the first rotary_dim dims of each head rotate (head_dim: all) */
 } dk_model;
 
 static void dk_project(const dk_linear *l, const float *x, int64_t T, float *y) {
@@ -92,7 +93,7 @@ int decoder_decode_step_f32(const dk_model *m, float *x, float *residual, int64_
             add_rms_norm_f32(x, H, residual, l->input_norm, m->eps, T, H, h);
         }
         dk_project(&l->qkv, h, T, qkv);
-        qk_norm_rope_store_f32(qkv, qkv_size, T, Hq, Hkv, D, m->cos_table, m->sin_table, positions, l->q_norm,
+        qk_norm_rope_store_f32(qkv, qkv_size, T, Hq, Hkv, D, m->rotary_dim, m->cos_table, m->sin_table, positions, l->q_norm,
                                l->k_norm, m->qk_eps, slots, l->k_cache, l->v_cache);
         paged_decode_attention_f32(qkv, qkv_size, l->k_cache, l->v_cache, block_tables, table_stride, context_lens,
                                    T, Hq, Hkv, D, m->block_size, m->scale, l->window, attn);

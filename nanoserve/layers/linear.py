@@ -146,6 +146,32 @@ def check_shape(loaded: Any, expected: tuple[int, ...]) -> None:
         raise ValueError(f"shape mismatch: checkpoint {shape} vs expected {tuple(expected)}")
 
 
+FUSED_SHARD = "fused"
+"""Shard id of a checkpoint tensor that holds every part of a fused layer, concatenated along the output dim
+in the layer's part order (Phi-3's ``qkv_proj``: q, k, v; ``gate_up_proj``: gate, up). The layer splits it
+into its parts, so each rank takes its own rows of every part, not a contiguous slice of the whole."""
+
+
+class RowWindow:
+    """Rows [start, start + rows) of a checkpoint tensor (a safetensors slice or a tensor), indexed like it:
+    one part of a fused tensor, from which a rank's slice is read without reading the rest."""
+
+    def __init__(self, loaded: Any, start: int, rows: int) -> None:
+        self.loaded, self.start, self.rows = loaded, start, rows
+        full = tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape)
+        self.shape = (rows, *full[1:])
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError(f"RowWindow takes a contiguous row slice, got {rows!r}")
+        start, stop, _ = rows.indices(self.rows)
+        return self.loaded[(slice(self.start + start, self.start + stop), *rest)]
+
+
 @dataclass(frozen=True)
 class ShardRegion:
     """Where one checkpoint tensor (or one part of a fused layer: q, k, v; gate, up) lands on this rank."""
@@ -177,7 +203,29 @@ class LinearBase(nn.Module):
         says how it splits, read by the float and the low-bit loaders alike."""
         raise NotImplementedError
 
+    def part_ids(self) -> list[Any]:
+        """The shard ids of this layer's parts, in the order a fused checkpoint tensor concatenates them
+        (empty: the layer is not fused)."""
+        return []
+
+    def fused_parts(self, loaded: Any) -> list[tuple[Any, RowWindow]]:
+        """A fused checkpoint tensor (``FUSED_SHARD``) cut into (part id, that part's rows of it)."""
+        ids = self.part_ids()
+        if not ids:
+            raise ValueError(f"{type(self).__name__} is not a fused layer: it takes no {FUSED_SHARD!r} tensor")
+        sizes = [self.shard_region(p).full_shape[0] for p in ids]
+        rows = (tuple(loaded.get_shape()) if hasattr(loaded, "get_shape") else tuple(loaded.shape))[0]
+        if rows != sum(sizes):
+            parts = " + ".join(f"{p} {n}" for p, n in zip(ids, sizes))
+            raise ValueError(f"shape mismatch: fused checkpoint tensor has {rows} rows, expected {parts} = {sum(sizes)}")
+        offsets = [sum(sizes[:i]) for i in range(len(ids))]
+        return [(p, RowWindow(loaded, o, n)) for p, o, n in zip(ids, offsets, sizes)]
+
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        if shard_id == FUSED_SHARD:
+            for part, window in self.fused_parts(loaded):
+                self.weight_loader(param, window, part)
+            return
         region = self.shard_region(shard_id)
         rows, cols = region.full_shape
         if param.dim() == 1:  # bias: split with the output rows, replicated when the inputs are split
@@ -204,6 +252,16 @@ class LinearBase(nn.Module):
 
     def load_checkpoint_tensor(self, suffix: str, loaded: Any, shard_id: Any = None, checkpoint_name: str | None = None) -> None:
         """``checkpoint_name``: the checkpoint's module name of this part (``...q_proj``), for errors."""
+        if shard_id == FUSED_SHARD:
+            if self.quant.source != "float":
+                raise ValueError(
+                    f"{checkpoint_name}.{suffix}: a fused checkpoint tensor in {self.quant.source} format cannot be "
+                    "split into its parts (its packing is not by output rows); only float fused tensors, quantized "
+                    "on load, are supported"
+                )
+            for part, window in self.fused_parts(loaded):
+                self.quant.load(self.packed.data, suffix, window, self.shard_region(part), part, checkpoint_name)
+            return
         self.quant.load(self.packed.data, suffix, loaded, self.shard_region(shard_id), shard_id, checkpoint_name)
 
     def pack_for_cpu(self) -> bool:
@@ -253,6 +311,9 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.out_sizes = [divide(s, tp.size, "intermediate_size") for s in out_sizes]
         super().__init__(in_features, sum(out_sizes), bias, dtype, tp)
 
+    def part_ids(self) -> list[Any]:
+        return list(range(len(self.out_sizes)))
+
     def shard_region(self, shard_id: Any) -> ShardRegion:
         shard_id = shard_id or 0
         size = self.out_sizes[shard_id]
@@ -292,6 +353,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     @property
     def kv_size(self) -> int:
         return self.num_kv_heads * self.head_dim
+
+    def part_ids(self) -> list[Any]:
+        return ["q", "k", "v"]
 
     def shard_region(self, shard_id: Any) -> ShardRegion:
         shard_id = shard_id or "q"

@@ -126,7 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
     signatures = {
         "add_rms_norm_f32": [ptr, i64, ptr, ptr, f32, i64, i64, ptr],
-        "qk_norm_rope_store_f32": [ptr, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
+        "qk_norm_rope_store_f32": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
         "silu_mul_f32": [ptr, i64, i64, ptr],
         "apply_token_bitmask_f32": [ptr, i64, ptr, i64, ptr, i64, i64],
         "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, ptr],
@@ -163,8 +163,11 @@ def norm_supported(hidden: int) -> bool:
     return hidden % 8 == 0
 
 
-def rope_supported(head_dim: int) -> bool:
-    return head_dim % 16 == 0
+def rope_supported(head_dim: int, rotary_dim: int | None = None) -> bool:
+    """Whether the rope kernel takes heads of ``head_dim`` rotating their first ``rotary_dim`` dims (default:
+    all): vectors of 8 over each half of the rotated part."""
+    rotary_dim = head_dim if rotary_dim is None else rotary_dim
+    return head_dim % 16 == 0 and rotary_dim % 16 == 0 and 0 < rotary_dim <= head_dim
 
 
 def add_rms_norm(
@@ -195,12 +198,13 @@ def qk_norm_rope_store(
     kv_cache: torch.Tensor,
 ) -> None:
     """In place on ``qkv`` ([T, (Hq + 2 Hkv) * D], contiguous rows): per-head RMSNorm of q and k (when
-    weights are given), rotary embedding of q and k; then k and v of each token are written to its slot."""
+    weights are given), rotary embedding of q and k over each head's first ``cos_table.shape[1]`` dims (all of
+    it unless partial rotary); then k and v of each token are written to its slot."""
     t = qkv.shape[0]
     assert qkv.stride(1) == 1 and cos_table.is_contiguous() and positions.dtype == torch.int64
     half = kv_cache[0].numel() * kv_cache.element_size()
     lib.qk_norm_rope_store_f32(
-        qkv.data_ptr(), qkv.stride(0), t, num_heads, num_kv_heads, head_dim, cos_table.data_ptr(),
+        qkv.data_ptr(), qkv.stride(0), t, num_heads, num_kv_heads, head_dim, cos_table.shape[1], cos_table.data_ptr(),
         sin_table.data_ptr(), positions.data_ptr(), _ptr(q_norm_weight), _ptr(k_norm_weight), eps,
         slot_mapping.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + half,
     )  # fmt: skip

@@ -91,10 +91,11 @@ void add_rms_norm_f32(const float *x, int64_t x_stride, float *residual, const f
     }
 }
 
-/* x * cos + rotate_half(x) * sin for one head of D (D % 16 == 0), in place; separate roundings of the
-   products and the sum, as torch does them (this file is compiled with -ffp-contract=off). */
-static inline void rope_head(float *x, const float *c, const float *s, int64_t D) {
-    const int64_t half = D / 2;
+/* x * cos + rotate_half(x) * sin over the first R dims of one head (R % 16 == 0), in place; the head's
+   other dims pass through (partial rotary). Separate roundings of the products and the sum, as torch does
+   them (this file is compiled with -ffp-contract=off). */
+static inline void rope_head(float *x, const float *c, const float *s, int64_t R) {
+    const int64_t half = R / 2;
     for (int64_t i = 0; i < half; i += 8) {
         v8 x1 = load8(x + i), x2 = load8(x + half + i);
         v8 lo = x1 * load8(c + i) + (-x2) * load8(s + i);
@@ -105,22 +106,22 @@ static inline void rope_head(float *x, const float *c, const float *s, int64_t D
 }
 
 /* One step's q/k/v after the fused projection, per token t (qkv row t is [q heads | k heads | v heads]):
-   optional per-head RMSNorm of q and k (q_w / k_w non-NULL: Qwen3), rotary embedding of q and k at
-   positions[t] (tables cos/sin [P, D]), all in place; then k and v are copied into cache slot slots[t]
-   of k_cache / v_cache ([num_slots, Hkv, D]). */
+   optional per-head RMSNorm of q and k (q_w / k_w non-NULL: Qwen3), rotary embedding of the first R dims
+   of each q and k head at positions[t] (tables cos/sin [P, R]; R == D unless partial rotary), all in
+   place; then k and v are copied into cache slot slots[t] of k_cache / v_cache ([num_slots, Hkv, D]). */
 void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                            const float *cos_t, const float *sin_t, const int64_t *positions,
+                            int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
                             const float *q_w, const float *k_w, float eps,
                             const int64_t *slots, float *k_cache, float *v_cache) {
     #pragma omp parallel for schedule(static) if (T * (Hq + 2 * Hkv) * D >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) {
         float *row = qkv + t * qkv_stride;
-        const float *c = cos_t + positions[t] * D, *s = sin_t + positions[t] * D;
+        const float *c = cos_t + positions[t] * R, *s = sin_t + positions[t] * R;
         for (int64_t h = 0; h < Hq + Hkv; h++) {
             float *x = row + h * D;
             const float *w = h < Hq ? q_w : k_w;
             if (w) rms_row(x, w, eps, D, x);
-            rope_head(x, c, s, D);
+            rope_head(x, c, s, R);
         }
         if (slots) {
             memcpy(k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);

@@ -18,7 +18,7 @@ from nanoserve.layers.attention import Attention, AttentionMetadata
 from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanoserve.layers.norm import RMSNorm
-from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary
+from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary, rotary_dim
 from nanoserve.models import native_decode
 from nanoserve.models.native_decode import NativeDecode
 
@@ -75,7 +75,8 @@ class DecoderAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend,
                               sliding_window_of(hf_config, layer_index))  # fmt: skip
-        self.kernels = ctx.kernels if native.rope_supported(head_dim) else None
+        # Partial rotary (Phi-4-mini) rotates the first rotary_dim dims of each head, in the kernel as in torch.
+        self.kernels = ctx.kernels if native.rope_supported(head_dim, rotary_dim(hf_config, head_dim)) else None
 
     def forward(self, rope: RopeStep, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]

@@ -47,7 +47,7 @@ class _Model(ctypes.Structure):
     _fields_ = [
         ("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
         ("intermediate", _i64), ("block_size", _i64), ("eps", _f32), ("qk_eps", _f32), ("scale", _f32),
-        ("cos_table", _ptr), ("sin_table", _ptr), ("layers", ctypes.POINTER(_Layer)),
+        ("cos_table", _ptr), ("sin_table", _ptr), ("layers", ctypes.POINTER(_Layer)), ("rotary_dim", _i64),
     ]  # fmt: skip
 
 
@@ -165,7 +165,7 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
     model = _Model(
         len(descs), first.input_layernorm.weight.shape[0], attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
         first.mlp.gate_up_proj.out_sizes[0], first.self_attn.attn.kv_cache.shape[2], first.input_layernorm.eps,
-        qk_eps, attn0.attn.scale, rotary.cos.data_ptr(), rotary.sin.data_ptr(), layers,
+        qk_eps, attn0.attn.scale, rotary.cos.data_ptr(), rotary.sin.data_ptr(), layers, rotary.rotary_dim,
     )  # fmt: skip
     keep += [rotary.cos, rotary.sin]
     return NativeDecode(model, layers, max_rows, cache_key(decoder), _declare(lib), keep)

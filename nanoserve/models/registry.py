@@ -8,6 +8,7 @@ from torch import nn
 
 from nanoserve.models.llama import LlamaForCausalLM
 from nanoserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
+from nanoserve.models.phi3 import Phi3ForCausalLM
 from nanoserve.models.qwen2 import Qwen2ForCausalLM
 from nanoserve.models.qwen3 import Qwen3ForCausalLM
 
@@ -18,6 +19,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 

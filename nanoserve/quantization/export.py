@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.layers.embed_head import ParallelLMHead
-from nanoserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+from nanoserve.layers.linear import FUSED_SHARD, MergedColumnParallelLinear, QKVParallelLinear
 from nanoserve.models.decoder import BuildContext
 from nanoserve.models.loader import checkpoint_files, checkpoint_target, load_weights
 from nanoserve.models.registry import resolve_architecture
@@ -30,6 +30,8 @@ def _parts(name: str, module: Any, weight: torch.Tensor, packed: dict[str, tuple
     """A fused layer's widened weight split back into the checkpoint's tensors (``q_proj.weight``, ...)."""
     prefix, leaf = name.rsplit(".", 1) if "." in name else ("", name)
     by_part = {shard: ckpt for ckpt, (ours, shard) in packed.items() if ours == leaf}
+    if FUSED_SHARD in by_part:  # the checkpoint keeps it fused (Phi-3): one rank holds the parts in its order
+        return {f"{prefix}.{by_part[FUSED_SHARD]}.weight": weight}
     if isinstance(module, QKVParallelLinear):
         q, kv = module.q_size, module.kv_size
         pieces = {"q": weight[:q], "k": weight[q : q + kv], "v": weight[q + kv :]}

@@ -2,7 +2,7 @@
 
 Nothing can be downloaded in tests, so every checkpoint nanoserve is tested against is made here:
 transformers' own model classes (``Qwen3ForCausalLM``, ``Qwen2ForCausalLM``, ``LlamaForCausalLM``,
-the mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM``) with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
+the mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM``, ``Phi3ForCausalLM``) with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
 byte-level BPE tokenizer trained on a corpus generated in code.
 
 The same ``(arch, kwargs, seed)`` gives byte-identical files on every run (weights come from a
@@ -39,7 +39,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral")
+SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral", "phi3")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
 EXPERT_LAYOUTS = ("per_expert", "stacked")
 
@@ -104,7 +104,23 @@ DEFAULT_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         arch="mixtral", num_attention_heads=4, num_key_value_heads=2, intermediate_size=32, num_experts=8,
         num_experts_per_tok=2, seed=9,
     ),
-}
+    # Phi-3 (fused qkv_proj / gate_up_proj tensors): Phi-3-mini-128k style, MHA, longrope with distinct short and
+    # long factors (original length 64 of 256: attention factor sqrt(1 + ln 4 / ln 64)) and a window of 16 on
+    # every layer; Phi-4-mini style, GQA, rotary over the first 3/4 of each 64-dim head, tied embeddings.
+    "phi3-longrope-window": dict(
+        arch="phi3", num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.3, 1.7, 2.2, 3.0, 4.1, 5.5, 7.0],
+                      "long_factor": [1.5, 2.4, 3.9, 6.1, 9.3, 14.0, 20.6, 30.0]},
+        extra_config={"original_max_position_embeddings": 64, "sliding_window": 16}, seed=12,
+    ),
+    "phi4-mini-partial-rotary": dict(
+        arch="phi3", hidden_size=256, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "longrope", "partial_rotary_factor": 0.75,
+                      "short_factor": [1.0 + 0.25 * i for i in range(24)], "long_factor": [2.0 + 1.5 * i for i in range(24)]},
+        extra_config={"original_max_position_embeddings": 64}, seed=13,
+    ),
+}  # fmt: skip
 """Test matrix: name -> ``build_checkpoint`` kwargs. All tiny (hidden <= 128, layers <= 4)."""
 
 
@@ -266,7 +282,15 @@ def _make_config(
     """The transformers config for ``arch``, rope given the transformers-5 way (``rope_parameters``).
     ``moe``: the mixture-of-experts fields (``num_experts``, ``num_experts_per_tok``, and for qwen3_moe
     ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``, ``mlp_only_layers``)."""
-    from transformers import LlamaConfig, MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        LlamaConfig,
+        MistralConfig,
+        MixtralConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     if arch not in SUPPORTED_ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(SUPPORTED_ARCHS)}")
@@ -329,6 +353,12 @@ def _make_config(
     elif arch == "qwen2":
         config = Qwen2Config(**common)
         config.architectures = ["Qwen2ForCausalLM"]
+    elif arch == "phi3":
+        # Phi3Config has no head_dim field: heads are hidden/heads wide (Phi-3 and Phi-4-mini alike).
+        if head_dim != natural_head_dim:
+            raise ValueError(f"phi3 does not support head_dim={head_dim} != hidden_size/num_attention_heads")
+        config = Phi3Config(**common)
+        config.architectures = ["Phi3ForCausalLM"]
     elif arch == "mistral":
         config = MistralConfig(**{"sliding_window": None, **common}, head_dim=head_dim)
         config.architectures = ["MistralForCausalLM"]
@@ -345,7 +375,7 @@ def _model_class(arch: str) -> type:
     names = {
         "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
-        "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+        "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "phi3": "Phi3ForCausalLM",
     }  # fmt: skip
     return getattr(transformers, names[arch])
 

@@ -29,6 +29,7 @@ TEXT = "Hello world, the quick brown fox jumps over 13 lazy dogs!\n\tSecond line
 EXPECTED_ARCHITECTURE = {
     "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }  # fmt: skip
 
 
