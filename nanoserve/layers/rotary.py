@@ -10,12 +10,29 @@ import torch
 from torch import nn
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """The rope settings in one shape whether the config came from transformers 4.x (``rope_theta`` and
-    ``rope_scaling`` at top level) or 5.x (``rope_parameters``)."""
+def rope_layer_types(hf_config: Any) -> list[str | None]:
+    """The rope table of each layer: its layer type (``"sliding_attention"`` / ``"full_attention"``) where the
+    config gives each type its own rope (Gemma 3: transformers 5 keys ``rope_parameters`` by layer type, 4.x
+    had ``rope_local_base_freq`` for the sliding layers), else None for every layer (one table)."""
+    layer_types = getattr(hf_config, "layer_types", None)
     params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
+    keyed = isinstance(params, dict) and any(isinstance(params.get(t), dict) for t in set(layer_types or ()))
+    if layer_types is None or not (keyed or getattr(hf_config, "rope_local_base_freq", None)):
+        return [None] * hf_config.num_hidden_layers
+    return list(layer_types)
+
+
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The rope settings (of the layers of ``layer_type``, see :func:`rope_layer_types`) in one shape whether
+    the config came from transformers 4.x (``rope_theta`` and ``rope_scaling`` at top level) or 5.x
+    (``rope_parameters``, flat or keyed by layer type)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if layer_type is not None and isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    elif isinstance(params, dict) and "rope_theta" in params:
         params = dict(params)
+    elif layer_type == "sliding_attention" and getattr(hf_config, "rope_local_base_freq", None):
+        params = {"rope_type": "default", "rope_theta": hf_config.rope_local_base_freq}  # 4.x Gemma 3
     else:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
@@ -23,9 +40,10 @@ def rope_parameters(hf_config: Any) -> dict[str, Any]:
     return params
 
 
-def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [head_dim/2], attention scaling) exactly as transformers computes them."""
-    params = rope_parameters(hf_config)
+def inverse_frequencies(hf_config: Any, head_dim: int, layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """(inv_freq [head_dim/2], attention scaling) exactly as transformers computes them (for the layers of
+    ``layer_type`` where the config gives each type its own rope)."""
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type == "default":
         base = float(params["rope_theta"])
@@ -37,7 +55,8 @@ def inverse_frequencies(hf_config: Any, head_dim: int) -> tuple[torch.Tensor, fl
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' changes with sequence length and is not supported")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+    by_type = {"layer_type": layer_type} if layer_type is not None else {}
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **by_type)
     return inv_freq.float(), float(scaling)
 
 
@@ -56,9 +75,11 @@ class RotaryEmbedding(nn.Module):
     """Rotates the two halves of each head (the Hugging Face / GPT-NeoX layout). One instance serves every
     layer: the table depends only on the config, and looking it up once per step saves a gather per layer."""
 
-    def __init__(self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype) -> None:
+    def __init__(
+        self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype, layer_type: str | None = None
+    ) -> None:
         super().__init__()
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim, layer_type)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [P, D/2], float32 like the reference
         emb = torch.cat((freqs, freqs), dim=-1)

@@ -28,7 +28,8 @@ TEXT = "Hello world, the quick brown fox jumps over 13 lazy dogs!\n\tSecond line
 
 EXPECTED_ARCHITECTURE = {
     "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
-    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "mistral": "MistralForCausalLM",
+    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3_vl": "Gemma3ForConditionalGeneration",
 }  # fmt: skip
 
 
