@@ -505,7 +505,8 @@ def _rewrite_config_v4(config_path: pathlib.Path) -> None:
     """Reshape a transformers-5 ``config.json`` into what transformers 4.x wrote (most hub checkpoints).
 
     v4 shape: top-level ``rope_theta`` and ``rope_scaling`` (null when unscaled), ``torch_dtype``
-    instead of ``dtype``, no ``rope_parameters``; Qwen configs without ``layer_types``.
+    instead of ``dtype``, no ``rope_parameters``; Qwen configs without ``layer_types``; Gemma 3's local layers'
+    rope base as ``rope_local_base_freq``.
     """
     cfg = json.loads(config_path.read_text())
     rope = dict(cfg.pop("rope_parameters"))
@@ -517,6 +518,9 @@ def _rewrite_config_v4(config_path: pathlib.Path) -> None:
             continue  # older Qwen checkpoints predate this field; absent means all full attention
         else:
             out[key] = value
+    if "full_attention" in rope:  # Gemma 3: the global layers' rope at top level, the local layers' base apart
+        out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
     out["rope_theta"] = rope.pop("rope_theta")
     out["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
     out["transformers_version"] = "4.51.3"
