@@ -28,9 +28,16 @@ def _cap(value: float | None) -> float:
     return float(value) if value else 0.0
 
 
+def _check_causal(hf_config: Any) -> None:
+    # EmbeddingGemma-style configs attend both ways; every attention path here is causal.
+    if getattr(hf_config, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention=True is not supported: nanoserve's attention is causal")
+
+
 class Gemma2ForCausalLM(DecoderForCausalLM):
     @classmethod
     def flags_for(cls, hf_config: Any) -> DecoderFlags:
+        _check_causal(hf_config)
         bias = bool(getattr(hf_config, "attention_bias", False))
         return DecoderFlags(
             qkv_bias=bias, o_bias=bias, gemma_norms=True, embed_scale=True,
@@ -42,6 +49,7 @@ class Gemma2ForCausalLM(DecoderForCausalLM):
 class Gemma3ForCausalLM(DecoderForCausalLM):
     @classmethod
     def flags_for(cls, hf_config: Any) -> DecoderFlags:
+        _check_causal(hf_config)
         bias = bool(getattr(hf_config, "attention_bias", False))
         # Gemma3Attention never passes attn_logit_softcapping to its attention: no soft-capping of the scores.
         return DecoderFlags(

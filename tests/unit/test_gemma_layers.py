@@ -221,3 +221,11 @@ def test_one_rope_table_without_per_type_rope() -> None:
     gemma2 = Gemma2Config(num_hidden_layers=4, head_dim=16, hidden_size=32, num_attention_heads=2)
     assert rope_layer_types(gemma2) == [None] * 4  # local and global layers, one rope
     assert rope_layer_types(LlamaConfig(num_hidden_layers=2)) == [None] * 2
+
+
+def test_a_bidirectional_gemma_config_is_refused() -> None:
+    from nanoserve.models.gemma import Gemma3ForCausalLM
+
+    with pytest.raises(ValueError, match="use_bidirectional_attention"):
+        Gemma3ForCausalLM.flags_for(gemma3_text_config(use_bidirectional_attention=True))
+    assert Gemma3ForCausalLM.flags_for(gemma3_text_config()).qk_norm
