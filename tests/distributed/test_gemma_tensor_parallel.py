@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from nanoserve import LLM
 from nanoserve.testing.checkpoints import DEFAULT_ARCH_CONFIGS
 from nanoserve.testing.reference import hf_greedy
 from tests.distributed.conftest import make_prompts
 from tests.distributed.test_tensor_parallel import GREEDY, assert_all_blocks_free, generate_ids
-
-BLOCK_SIZE = 4
+from tests.model.test_parity import BLOCK_SIZE, traced_llm
 
 
 def block_bytes_per_rank(name: str, tp: int) -> int:
@@ -29,15 +27,16 @@ def test_gemma_tp2_matches_transformers(tp_checkpoints, name: str) -> None:
     reference = hf_greedy(path, prompts, GREEDY.max_tokens)
     assert len({t for r in reference for t in r.token_ids}) > 20, "reference output too uniform to test anything"
     # 18 blocks cannot hold the batch (~50 blocks at its peak): preemption; 8 tokens a step: chunked prefill
-    with LLM(
-        path, tensor_parallel_size=2, block_size=BLOCK_SIZE, kv_cache_memory=18 * block_bytes_per_rank(name, 2),
-        max_model_len=64, max_num_batched_tokens=8,
-    ) as llm:  # fmt: skip
+    llm, trace = traced_llm(path, tensor_parallel_size=2, kv_cache_memory=18 * block_bytes_per_rank(name, 2),
+                            max_model_len=64, max_num_batched_tokens=8)  # fmt: skip
+    with llm:
         assert llm.engine.block_manager.num_blocks == 18
         rounds = [generate_ids(llm, prompts) for _ in range(2)]  # the second starts with a warm prefix cache
         assert_all_blocks_free(llm)
         assert llm.engine.scheduler.num_preemptions > 0
         assert llm.engine.block_manager.stats.hits > 0
+    assert trace.readmitted_onto_cache, "no preempted request came back onto cached blocks"
+    assert any(c.start > 8 and len(c.token_ids) > 1 for step in trace.steps for c in step.chunks), "no chunk past the window"
     for tp2 in rounds:
         for ref, got in zip(reference, tp2):
             # Exact up to a near-tie in the reference: the all-reduce sums the two halves in another order.
