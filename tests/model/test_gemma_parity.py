@@ -98,3 +98,21 @@ def test_vision_language_checkpoint_runs_its_text_model(
         assert_matches_reference(outputs, refs, prompts)
         (line,) = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
         assert "vision_tower" in line and "multi_modal_projector" in line, line
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3-vl"])
+def test_quantized_gemma_matches_transformers_on_the_widened_weights(name: str, checkpoint: CheckpointCache, tmp_path) -> None:
+    """int8 on load (the LM head included): transformers running the weights as nanoserve widens them; for the
+    vision-language checkpoint the widened text tensors go back under the checkpoint's own names."""
+    from nanoserve.quantization.export import write_dequantized_checkpoint
+    from nanoserve.testing.reference import hf_greedy
+
+    path = checkpoint(name)
+    prompts = scenario_prompts(name)[:4]
+    with LLM(str(path), quantization="int8", block_size=4, kv_cache_memory="1MiB", max_model_len=80,
+             max_num_batched_tokens=12) as llm:  # fmt: skip
+        outputs = llm.generate(token_prompts(prompts), GREEDY, use_tqdm=False)
+        quant = llm.config.quantization
+    widened = write_dequantized_checkpoint(path, tmp_path / "widened", quant)
+    refs = hf_greedy(widened, prompts, MAX_TOKENS)
+    assert [o.outputs[0].token_ids for o in outputs] == [r.token_ids for r in refs]
