@@ -211,7 +211,7 @@ class Attention(nn.Module):
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
         if softcap is not None and softcap < 0:
-            raise ValueError(f"attention soft-capping must be > 0, got {softcap}")
+            raise ValueError(f"attention soft-capping must be > 0 (0 or None: none), got {softcap}")
         self.sliding_window = sliding_window or 0  # 0: attend to the whole context
         self.softcap = float(softcap or 0.0)  # 0: no soft-capping
         self.num_heads = num_heads

@@ -73,7 +73,8 @@ class RopeStep:
 
 class RotaryEmbedding(nn.Module):
     """Rotates the two halves of each head (the Hugging Face / GPT-NeoX layout). One instance serves every
-    layer: the table depends only on the config, and looking it up once per step saves a gather per layer."""
+    layer (of its layer type, where the config gives each type its own rope): the table depends only on the
+    config, and looking it up once per step saves a gather per layer."""
 
     def __init__(
         self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype, layer_type: str | None = None
