@@ -6,6 +6,7 @@ lives in result objects elsewhere, never written back here.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import re
@@ -221,9 +222,31 @@ def load_hf_config(path: Path) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(str(path))
+        config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:  # transformers raises a zoo of types here; normalise to one clear error
         raise ValueError(f"cannot read config.json of {str(path)!r}: {exc}") from exc
+    return text_part_config(config)
+
+
+# Vision-language checkpoints whose text model nanoserve runs by itself (text in, text out).
+TEXT_PART_ARCHITECTURES = ("Gemma3ForConditionalGeneration",)
+
+
+def text_part_config(hf_config: Any) -> Any:
+    """``hf_config`` itself, or for a checkpoint in ``TEXT_PART_ARCHITECTURES`` a copy of its ``text_config``
+    that keeps the checkpoint's ``architectures`` (the registry resolves them) and whatever token ids, dtype and
+    embedding tying the checkpoint sets at top level (transformers ties the LM head by the top-level setting):
+    every part of the engine then reads the text model's config."""
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not set(archs) & set(TEXT_PART_ARCHITECTURES) or getattr(hf_config, "text_config", None) is None:
+        return hf_config
+    text = copy.deepcopy(hf_config.get_text_config())
+    text.architectures = archs
+    for key in ("eos_token_id", "bos_token_id", "pad_token_id", "dtype", "tie_word_embeddings"):
+        value = getattr(hf_config, key, None)
+        if value is not None:
+            setattr(text, key, value)
+    return text
 
 
 def resolve_max_model_len(hf_config: Any, requested: int | None) -> int:

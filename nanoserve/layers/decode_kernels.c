@@ -25,7 +25,7 @@ void silu_mul_f32(const float *gu, int64_t T, int64_t I, float *out);
 void paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                                 const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
                                 int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t B, float scale,
-                                int64_t window, float *out);
+                                int64_t window, float softcap, float *out);
 void packed_gemv_f32(const float *w, int64_t N, int64_t K, int64_t Kp, int64_t B, const float *x, int64_t M,
                      int64_t x_stride, const float *bias, float *y);
 void q_linear_f32(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
@@ -95,8 +95,9 @@ int decoder_decode_step_f32(const dk_model *m, float *x, float *residual, int64_
         dk_project(&l->qkv, h, T, qkv);
         qk_norm_rope_store_f32(qkv, qkv_size, T, Hq, Hkv, D, m->rotary_dim, m->cos_table, m->sin_table, positions, l->q_norm,
                                l->k_norm, m->qk_eps, slots, l->k_cache, l->v_cache);
+        /* softcap 0: models with attention soft-capping (Gemma 2) never get here (see native_decode.py) */
         paged_decode_attention_f32(qkv, qkv_size, l->k_cache, l->v_cache, block_tables, table_stride, context_lens,
-                                   T, Hq, Hkv, D, m->block_size, m->scale, l->window, attn);
+                                   T, Hq, Hkv, D, m->block_size, m->scale, l->window, 0.0f, attn);
         dk_project(&l->o, attn, T, x);
         add_rms_norm_f32(x, H, residual, l->post_norm, m->eps, T, H, h);
         dk_project(&l->gate_up, h, T, gate_up);

@@ -129,7 +129,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "qk_norm_rope_store_f32": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
         "silu_mul_f32": [ptr, i64, i64, ptr],
         "apply_token_bitmask_f32": [ptr, i64, ptr, i64, ptr, i64, i64],
-        "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, ptr],
+        "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr],
         "packed_gemv_f32": [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
         "q_linear_f32": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
         "q_linear_i8": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
@@ -239,9 +239,11 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor,
     window: int = 0,
+    softcap: float = 0.0,
 ) -> None:
     """out[d] = softmax(q[d] K_d^T * scale) V_d over sequence d's cached tokens (the last ``window`` of them
-    when ``window`` > 0).
+    when ``window`` > 0); with ``softcap`` > 0 the scaled scores become ``softcap * tanh(scores / softcap)``
+    before the softmax (Gemma 2's attention logit soft-capping).
 
     q: [D, Hq, Dh] float32 with contiguous heads (rows may be strided); out: [D, Hq, Dh] contiguous;
     kv_cache: [2, num_blocks, B, Hkv, Dh] contiguous; block_tables: [D, >= ceil(max len / B)] int64 with
@@ -254,7 +256,7 @@ def paged_decode_attention(
     lib.paged_decode_attention_f32(
         q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.data_ptr() + half, block_tables.data_ptr(),
         block_tables.stride(0), context_lens.data_ptr(), d, hq, num_kv_heads, head_dim, block_size,
-        scale, window, out.data_ptr(),
+        scale, window, softcap, out.data_ptr(),
     )  # fmt: skip
 
 

@@ -172,12 +172,13 @@ void apply_token_bitmask_f32(float *logits, int64_t ls, const int64_t *row, int6
    block_tables:     [D, table_stride] int64      sequence d's token t lives in block table[t / B], row t % B
    context_lens:     [D] int64, >= 1              keys 0 .. len-1 are attended (the new token included)
    window:           > 0: only the last `window` of them (sliding-window attention); 0: all
+   softcap:          > 0: scores = softcap * tanh(scores / softcap) before the softmax (Gemma 2); 0: none
    A task is one sequence and a group of its KV heads; it reads each cached key and value once and shares
    it between the G query heads of that KV head (GQA). */
 void paged_decode_attention_f32(
     const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int64_t *block_tables,
     int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
-    int64_t B, float scale, int64_t window, float *out)
+    int64_t B, float scale, int64_t window, float softcap, float *out)
 {
     const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-float chunks per head */
     const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
@@ -230,6 +231,10 @@ void paged_decode_attention_f32(
             /* softmax over t of each row; the padded tail gets probability 0 */
             for (int64_t r = 0; r < rows; r++) {
                 float *s = scores + r * Lp;
+                /* soft-capping in transformers' order: divide, tanh, multiply (tanhf, like torch's CPU tanh,
+                   is within an ulp of exact; scalar: a softcapped model spends its time elsewhere) */
+                if (softcap > 0.f)
+                    for (int64_t t = lo; t < L; t++) s[t] = tanhf(s[t] / softcap) * softcap;
                 float m = s[lo];
                 for (int64_t t = lo + 1; t < L; t++) m = s[t] > m ? s[t] : m;
                 for (int64_t t = 0; t < lo; t++) s[t] = m - 1000.0f;  /* outside the window: probability 0 */

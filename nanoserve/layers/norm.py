@@ -37,3 +37,25 @@ class RMSNorm(nn.Module):
             return self._norm(x)
         x = x + residual
         return self._norm(x), x
+
+
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: ``norm(x) * (1 + w)`` with the product in float32, then cast to x's dtype (Llama casts
+    first, then scales). ``1 + w`` is what the checkpoint's ``w`` is turned into as it loads, kept in float32
+    whatever the model's dtype (as transformers computes it), so the multiplication, the residual add and the C
+    kernel are RMSNorm's own."""
+
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype, kernels: Any = None) -> None:
+        super().__init__(hidden_size, eps, torch.float32, kernels if dtype == torch.float32 else None)
+        self.weight.weight_loader = self.weight_loader
+
+    @staticmethod
+    def weight_loader(param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+        tensor = loaded[:]
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(f"shape mismatch: checkpoint {tuple(tensor.shape)} vs model {tuple(param.shape)}")
+        param.data.copy_(1.0 + tensor.float())
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight).to(x.dtype)

@@ -14,12 +14,29 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
-def rope_parameters(hf_config: Any) -> dict[str, Any]:
-    """The rope settings in one shape whether the config came from transformers 4.x (``rope_theta`` and
-    ``rope_scaling`` at top level) or 5.x (``rope_parameters``)."""
+def rope_layer_types(hf_config: Any) -> list[str | None]:
+    """The rope table of each layer: its layer type (``"sliding_attention"`` / ``"full_attention"``) where the
+    config gives each type its own rope (Gemma 3: transformers 5 keys ``rope_parameters`` by layer type, 4.x
+    had ``rope_local_base_freq`` for the sliding layers), else None for every layer (one table)."""
+    layer_types = getattr(hf_config, "layer_types", None)
     params = getattr(hf_config, "rope_parameters", None)
-    if isinstance(params, dict) and "rope_theta" in params:
+    keyed = isinstance(params, dict) and any(isinstance(params.get(t), dict) for t in set(layer_types or ()))
+    if layer_types is None or not (keyed or getattr(hf_config, "rope_local_base_freq", None)):
+        return [None] * hf_config.num_hidden_layers
+    return list(layer_types)
+
+
+def rope_parameters(hf_config: Any, layer_type: str | None = None) -> dict[str, Any]:
+    """The rope settings (of the layers of ``layer_type``, see :func:`rope_layer_types`) in one shape whether
+    the config came from transformers 4.x (``rope_theta`` and ``rope_scaling`` at top level) or 5.x
+    (``rope_parameters``, flat or keyed by layer type)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if layer_type is not None and isinstance(params, dict) and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    elif isinstance(params, dict) and "rope_theta" in params:
         params = dict(params)
+    elif layer_type == "sliding_attention" and getattr(hf_config, "rope_local_base_freq", None):
+        params = {"rope_type": "default", "rope_theta": hf_config.rope_local_base_freq}  # 4.x Gemma 3
     else:
         params = dict(getattr(hf_config, "rope_scaling", None) or {})
         params["rope_theta"] = getattr(hf_config, "rope_theta", 10000.0)
@@ -39,10 +56,13 @@ def rotary_dim(hf_config: Any, head_dim: int) -> int:
     return dim
 
 
-def inverse_frequencies(hf_config: Any, head_dim: int, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
-    """(inv_freq [rotary_dim/2], attention scaling) exactly as transformers computes them; ``seq_len`` as
-    transformers passes it (longrope: above ``original_max_position_embeddings`` the long factors apply)."""
-    params = rope_parameters(hf_config)
+def inverse_frequencies(
+    hf_config: Any, head_dim: int, layer_type: str | None = None, seq_len: int | None = None
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rotary_dim/2], attention scaling) exactly as transformers computes them, for the layers of
+    ``layer_type`` where the config gives each type its own rope; ``seq_len`` as transformers passes it
+    (longrope: above ``original_max_position_embeddings`` the long factors apply)."""
+    params = rope_parameters(hf_config, layer_type)
     rope_type = params["rope_type"]
     if rope_type == "default":
         dim = rotary_dim(hf_config, head_dim)
@@ -55,7 +75,9 @@ def inverse_frequencies(hf_config: Any, head_dim: int, seq_len: int | None = Non
         raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, {', '.join(ROPE_INIT_FUNCTIONS)}")
     if rope_type == "dynamic":
         raise ValueError("rope_type 'dynamic' changes with sequence length and is not supported")
-    kwargs = {"seq_len": seq_len} if seq_len is not None else {}
+    kwargs: dict[str, Any] = {"seq_len": seq_len} if seq_len is not None else {}
+    if layer_type is not None:
+        kwargs["layer_type"] = layer_type
     inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"), **kwargs)
     if inv_freq.numel() * 2 != rotary_dim(hf_config, head_dim):
         raise ValueError(
@@ -83,8 +105,9 @@ class RopeStep:
 
 class RotaryEmbedding(nn.Module):
     """Rotates the two halves of each head's first ``rotary_dim`` dims (the Hugging Face / GPT-NeoX layout;
-    all of the head unless ``partial_rotary_factor`` < 1). One instance serves every layer: the table depends
-    only on the config, and looking it up once per step saves a gather per layer.
+    all of the head unless ``partial_rotary_factor`` < 1). One instance serves every layer (of its layer type,
+    where the config gives each type its own rope): the table depends only on the config, and looking it up
+    once per step saves a gather per layer.
 
     longrope (Phi-3): transformers picks the factor set per forward call from its largest position: the short
     factors while ``max(position) + 1 <= original_max_position_embeddings``, the long ones above. The table
@@ -97,17 +120,19 @@ class RotaryEmbedding(nn.Module):
     take a factor set per request, in every step's positions and in the prefix cache's block hashes (a short
     prompt's blocks are not a long prompt's); not done."""
 
-    def __init__(self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype) -> None:
+    def __init__(
+        self, head_dim: int, max_position: int, hf_config: Any, dtype: torch.dtype, layer_type: str | None = None
+    ) -> None:
         super().__init__()
         self.rotary_dim = rotary_dim(hf_config, head_dim)
-        inv_freq, scaling = inverse_frequencies(hf_config, head_dim)
+        inv_freq, scaling = inverse_frequencies(hf_config, head_dim, layer_type)
         positions = torch.arange(max_position, dtype=torch.float32)
         cos, sin = _rope_rows(inv_freq, scaling, positions, dtype)  # [P, R]
         params = rope_parameters(hf_config)
         original = params.get("original_max_position_embeddings")
         if params["rope_type"] == "longrope" and original is not None and max_position > int(original):
             original = int(original)
-            long_inv, long_scaling = inverse_frequencies(hf_config, head_dim, seq_len=original + 1)
+            long_inv, long_scaling = inverse_frequencies(hf_config, head_dim, layer_type, seq_len=original + 1)
             cos[original:], sin[original:] = _rope_rows(long_inv, long_scaling, positions[original:], dtype)
             if not torch.equal(long_inv, inv_freq):
                 logger.warning(

@@ -1,5 +1,6 @@
-"""The pre-norm decoder shared by the Llama, Qwen2 and Qwen3 families; each family differs only in flags
-(qkv bias, per-head q/k norm), so their model files stay a few lines each."""
+"""The pre-norm decoder shared by the Llama, Qwen2, Qwen3 and Gemma 2/3 families; each family differs only in
+flags (qkv bias, per-head q/k norm, Gemma's norms, scaled embedding and soft-capping), so their model files
+stay a few lines each."""
 
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ from nanoserve.layers import native
 from nanoserve.layers.attention import Attention, AttentionMetadata
 from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
-from nanoserve.layers.norm import RMSNorm
-from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary, rotary_dim
+from nanoserve.layers.norm import GemmaRMSNorm, RMSNorm
+from nanoserve.layers.rotary import RopeStep, RotaryEmbedding, apply_rotary, rope_layer_types, rotary_dim
 from nanoserve.models import native_decode
 from nanoserve.models.native_decode import NativeDecode
 
@@ -28,7 +29,13 @@ class DecoderFlags:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # Qwen3: RMSNorm over each head of q and k before rotary
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm over each head of q and k before rotary
+    # Gemma 2/3: every RMSNorm scales by (1 + w) (GemmaRMSNorm), and a layer has four of them: after attention
+    # (before the residual add), before and after the MLP ("sandwich" norms)
+    gemma_norms: bool = False
+    embed_scale: bool = False  # Gemma: embeddings times sqrt(hidden_size) (rounded to the model's dtype)
+    attn_softcap: float = 0.0  # Gemma 2: scores = c * tanh(scores / c) before the softmax; 0: none
+    final_softcap: float = 0.0  # Gemma 2/3: the same on the logits
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,10 @@ class BuildContext:
 
 def head_dim_of(hf_config: Any) -> int:
     return getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def norm_class(flags: DecoderFlags) -> type[RMSNorm]:
+    return GemmaRMSNorm if flags.gemma_norms else RMSNorm
 
 
 def sliding_window_of(hf_config: Any, layer_index: int) -> int | None:
@@ -69,12 +80,14 @@ class DecoderAttention(nn.Module):
         self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         if flags.qk_norm:
-            self.q_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
-            self.k_norm = RMSNorm(head_dim, hf_config.rms_norm_eps, ctx.dtype)
+            self.q_norm = norm_class(flags)(head_dim, hf_config.rms_norm_eps, ctx.dtype)
+            self.k_norm = norm_class(flags)(head_dim, hf_config.rms_norm_eps, ctx.dtype)
         else:
             self.q_norm = self.k_norm = None
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, ctx.attention_backend,
-                              sliding_window_of(hf_config, layer_index))  # fmt: skip
+        # Gemma scales the scores by query_pre_attn_scalar ** -0.5, which need not be head_dim ** -0.5
+        scale = (getattr(hf_config, "query_pre_attn_scalar", None) or head_dim) ** -0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale, ctx.attention_backend,
+                              sliding_window_of(hf_config, layer_index), flags.attn_softcap)  # fmt: skip
         # Partial rotary (Phi-4-mini) rotates the first rotary_dim dims of each head, in the kernel as in torch.
         self.kernels = ctx.kernels if native.rope_supported(head_dim, rotary_dim(hf_config, head_dim)) else None
 
@@ -107,20 +120,34 @@ class DecoderMLP(nn.Module):
     def __init__(self, hf_config: Any, flags: DecoderFlags, ctx: BuildContext) -> None:
         super().__init__()
         inter = hf_config.intermediate_size
-        act = getattr(hf_config, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act {act!r} is not supported (only 'silu')")
+        # Gemma names it hidden_activation (gelu_pytorch_tanh: GeGLU); Llama and Qwen hidden_act (silu: SwiGLU)
+        act = getattr(hf_config, "hidden_activation", None) or getattr(hf_config, "hidden_act", "silu")
+        if act not in _ACTIVATIONS:
+            raise ValueError(f"hidden activation {act!r} is not supported (supported: {', '.join(_ACTIVATIONS)})")
+        self.act = _ACTIVATIONS[act]
         self.gate_up_proj = MergedColumnParallelLinear(
             hf_config.hidden_size, [inter, inter], flags.mlp_bias, ctx.dtype, ctx.tp
         )
         self.down_proj = RowParallelLinear(inter, hf_config.hidden_size, flags.mlp_bias, ctx.dtype, ctx.tp)
-        self.kernels = ctx.kernels if native.norm_supported(self.gate_up_proj.out_sizes[0]) else None
+        # The C kernel is SiLU's only; GeGLU runs in torch.
+        silu = act == "silu" and native.norm_supported(self.gate_up_proj.out_sizes[0])
+        self.kernels = ctx.kernels if silu else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernels is not None:
             return self.down_proj(native.silu_mul(self.kernels, self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "gelu_pytorch_tanh": _gelu_tanh,  # transformers' PytorchGELUTanh is exactly this
+}
 
 
 class DecoderLayer(nn.Module):
@@ -131,19 +158,32 @@ class DecoderLayer(nn.Module):
         self.self_attn = DecoderAttention(hf_config, flags, ctx, layer_index)
         # ``mlp``: another feed-forward for this layer (a mixture of experts); the dense SwiGLU MLP by default.
         self.mlp = mlp if mlp is not None else DecoderMLP(hf_config, flags, ctx)
-        self.input_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
-        self.post_attention_layernorm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
+
+        def norm() -> RMSNorm:
+            return norm_class(flags)(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
+
+        self.input_layernorm = norm()
+        self.post_attention_layernorm = norm()
+        self.sandwich_norms = flags.gemma_norms
+        if self.sandwich_norms:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(
         self, rope: RopeStep, x: torch.Tensor, residual: torch.Tensor | None, meta: AttentionMetadata
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, the residual stream before it): the next layer (or the final norm) adds them."""
         if residual is None:
             residual, x = x, self.input_layernorm(x)
         else:
             x, residual = self.input_layernorm(x, residual)
         x = self.self_attn(rope, x, meta)
-        x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        if not self.sandwich_norms:
+            x, residual = self.post_attention_layernorm(x, residual)
+            return self.mlp(x), residual
+        # Gemma: residual + norm(attn), then residual + norm(mlp(norm(...)))
+        x, residual = self.pre_feedforward_layernorm(self.post_attention_layernorm(x), residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
 
 
 MlpBuilder = Callable[[Any, DecoderFlags, BuildContext, int], "nn.Module | None"]
@@ -156,16 +196,24 @@ class DecoderModel(nn.Module):
         """``build_mlp(hf_config, flags, ctx, layer_index)``: layer ``layer_index``'s feed-forward, or None for
         the dense MLP (mixture-of-experts models give some layers experts)."""
         super().__init__()
+        self.flags = flags
         self.embed_tokens = VocabParallelEmbedding(hf_config.vocab_size, hf_config.hidden_size, ctx.dtype, ctx.tp)
+        # transformers makes the normalizer a tensor in the embedding's dtype (sqrt(3072) becomes 55.5 in bf16)
+        self.embed_scale = torch.tensor(hf_config.hidden_size**0.5).to(ctx.dtype) if flags.embed_scale else None
         self.layers = nn.ModuleList(
             DecoderLayer(hf_config, flags, ctx, i, build_mlp(hf_config, flags, ctx, i) if build_mlp else None)
             for i in range(hf_config.num_hidden_layers)
         )
-        self.norm = RMSNorm(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
+        self.norm = norm_class(flags)(hf_config.hidden_size, hf_config.rms_norm_eps, ctx.dtype, ctx.kernels)
         # The native attention path reads the rotary tables itself; torch ops need this step's rows gathered.
         self.rope_lookup = any(layer.self_attn.kernels is None for layer in self.layers)
-        # One rotary table for all layers (a table per layer costs layers x 2 x max_position x head_dim).
-        self.rotary = RotaryEmbedding(head_dim_of(hf_config), ctx.max_position, hf_config, ctx.dtype)
+        # One rotary table for all layers (a table per layer costs layers x 2 x max_position x head_dim), or one
+        # per layer type where the config gives each its own rope (Gemma 3: local and global layers).
+        types = rope_layer_types(hf_config)
+        tables = {t: RotaryEmbedding(head_dim_of(hf_config), ctx.max_position, hf_config, ctx.dtype, t)
+                  for t in dict.fromkeys(types)}  # fmt: skip
+        self.rotaries = nn.ModuleList(tables.values())
+        self.rope_index = [list(tables).index(t) for t in types]  # layer -> its table in self.rotaries
         # Decode steps through every layer in one C call where the model allows it (see native_decode); built
         # on first use, and again whenever the KV caches move.
         self.native_decode: NativeDecode | None = None
@@ -173,16 +221,24 @@ class DecoderModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         fast = self._native_decode_plan() if x.is_cpu else None
         if fast is not None and fast.applies(x.shape[0], meta):
             x, residual = fast.run(x, positions, meta)
         else:
-            rope = self.rotary.step(positions, lookup=self.rope_lookup)  # once per step, for every layer
+            # once per step for every layer (per table)
+            ropes = [rotary.step(positions, lookup=self.rope_lookup) for rotary in self.rotaries]
             residual = None
-            for layer in self.layers:
-                x, residual = layer(rope, x, residual, meta)
+            for layer, index in zip(self.layers, self.rope_index):
+                x, residual = layer(ropes[index], x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
+
+    @property
+    def rotary(self) -> RotaryEmbedding:
+        """The rotary table of the first layer (the only one, unless layer types have their own rope)."""
+        return self.rotaries[self.rope_index[0]]
 
     def _native_decode_plan(self) -> NativeDecode | None:
         key = native_decode.cache_key(self)
@@ -237,7 +293,11 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.model.flags.final_softcap
+        if cap:
+            logits = torch.tanh(logits / cap) * cap  # transformers' order: divide, tanh, multiply
+        return logits
 
     def pack_for_cpu(self) -> int:
         """Switch every projection and the LM head to packed weights (see ``linear.pack_weight``); returns how

@@ -4,6 +4,8 @@ slice of each tensor. A missing or unexpected tensor is an error that names it."
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,16 @@ from safetensors import safe_open
 from torch import nn
 from tqdm.auto import tqdm
 
+logger = logging.getLogger(__name__)
+
 # Buffers some older checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def _top_module(name: str) -> str:
+    """``model.vision_tower.encoder...`` -> ``model.vision_tower``; ``vision_tower.encoder...`` -> ``vision_tower``."""
+    parts = name.split(".")
+    return ".".join(parts[:2] if parts[0] == "model" and len(parts) > 2 else parts[:1])
 
 
 def checkpoint_files(model_dir: str | Path) -> list[Path]:
@@ -64,12 +74,20 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
     # Mixture-of-experts models map expert tensors (per expert or stacked) onto stacked parameters themselves.
     expert_target = getattr(model, "expert_checkpoint_target", lambda name: None)
     tied = getattr(model, "tie_word_embeddings", False)
+    # Checkpoints holding more than the model (the text model of a vision-language checkpoint) name their
+    # tensors for it, or None for those it does not use.
+    rename = getattr(model, "checkpoint_name", lambda name: name)
     loaded: set[str] = set()
     unexpected: list[str] = []
+    ignored: Counter[str] = Counter()
     files = checkpoint_files(model_dir)
     for path in tqdm(files, desc="Loading weights", disable=not show_progress or len(files) < 2):
         with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
+            for ckpt_name in f.keys():
+                name = rename(ckpt_name)
+                if name is None:
+                    ignored[_top_module(ckpt_name)] += 1
+                    continue
                 if name.endswith(_IGNORED_SUFFIXES):
                     continue
                 if tied and name == "lm_head.weight":
@@ -79,25 +97,28 @@ def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = 
                 module = quantized.get(module_name)
                 if module is not None and suffix in sum(module.quant.suffixes, ()):
                     try:  # the layer's errors name the checkpoint tensor at fault (not always this one)
-                        module.load_checkpoint_tensor(suffix, f.get_slice(name), shard_id, name.rpartition(".")[0])
+                        module.load_checkpoint_tensor(suffix, f.get_slice(ckpt_name), shard_id, name.rpartition(".")[0])
                     except (ValueError, RuntimeError) as exc:
                         raise ValueError(f"checkpoint {path.name}: {exc}") from exc
                     loaded.add(f"{target}#{shard_id}" if shard_id is not None else target)
                     continue
                 param = params.get(target)
                 if param is None:
-                    unexpected.append(name)
+                    unexpected.append(ckpt_name)
                     continue
                 loader = getattr(param, "weight_loader", default_weight_loader)
                 try:
-                    loader(param, f.get_slice(name), shard_id)
+                    loader(param, f.get_slice(ckpt_name), shard_id)
                 except (ValueError, RuntimeError) as exc:  # name the tensor: the layer only knows shapes
-                    raise ValueError(f"checkpoint tensor {name} ({path.name}): {exc}") from exc
+                    raise ValueError(f"checkpoint tensor {ckpt_name} ({path.name}): {exc}") from exc
                 # A parameter filled piecewise by parts of several kinds (experts: one tensor per expert, or
                 # one stacked tensor for all) says which of its parts a tensor filled.
                 filled = getattr(param, "parts_filled", None)
                 parts = filled(shard_id) if filled is not None else [shard_id]
                 loaded.update(target if s is None else f"{target}#{s}" for s in parts)
+    if ignored:
+        parts = ", ".join(f"{top}.* ({n} tensors)" for top, n in sorted(ignored.items()))
+        logger.info("%s runs the checkpoint's text model only; ignored %s", type(model).__name__, parts)
     if unexpected:
         raise ValueError(f"checkpoint has tensors the model does not expect: {', '.join(sorted(unexpected)[:10])}")
     def parts_of(name: str) -> list[str]:

@@ -8,7 +8,8 @@ per-layer path, which stays the reference and the fallback.
 :func:`plan_native_decode` describes the model once (shapes, weight pointers, norms, caches) as ctypes
 structures; :meth:`NativeDecode.applies` says whether a step can take the C loop: decode tokens only, few
 enough rows for each projection's kernel. Models it cannot describe (tensor parallelism, act-order weights,
-weights oneDNN alone reads, a torch attention backend, ...) get no plan and always take the per-layer path.
+weights oneDNN alone reads, a torch attention backend, Gemma's layers, ...) get no plan and always take the
+per-layer path.
 """
 
 from __future__ import annotations
@@ -129,6 +130,11 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
     where some layer cannot run in the C loop."""
     lib = native.load()
     if lib is None or not enabled() or not decoder.layers:
+        return None
+    flags = decoder.flags
+    if flags.gemma_norms or flags.embed_scale or flags.attn_softcap or len(decoder.rotaries) > 1:
+        # Gemma: four norms a layer, a scaled embedding, soft-capped scores, a rope table per layer type and
+        # GeGLU; the C loop runs the Llama/Qwen layer only, so these take the per-layer path.
         return None
     first = decoder.layers[0]
     attn0 = first.self_attn

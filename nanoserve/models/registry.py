@@ -6,6 +6,7 @@ from typing import Any
 
 from torch import nn
 
+from nanoserve.models.gemma import Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 from nanoserve.models.llama import LlamaForCausalLM
 from nanoserve.models.moe import MixtralForCausalLM, Qwen3MoeForCausalLM
 from nanoserve.models.phi3 import Phi3ForCausalLM
@@ -20,6 +21,10 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    # the text model only (config.text_part_config): vision tower and projector ignored
+    "Gemma3ForConditionalGeneration": Gemma3ForConditionalGeneration,
 }
 
 

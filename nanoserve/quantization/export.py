@@ -60,13 +60,21 @@ def write_dequantized_checkpoint(model_dir: str | Path, out_dir: str | Path, qua
     packed = getattr(model, "packed_modules_mapping", {})
     modules = dict(model.named_modules())
     quantized = {n: m for n, m in modules.items() if isinstance(getattr(m, "quant", None), QuantizedWeight)}
+    # A checkpoint that names its tensors otherwise than the model (a vision-language checkpoint's text model,
+    # see loader.load_weights) gets the widened tensors back under its own names.
+    rename = getattr(model, "checkpoint_name", lambda name: name)
+    checkpoint_name: dict[str, str] = {}
+    for path in checkpoint_files(model_dir):
+        with safe_open(str(path), framework="pt") as f:
+            checkpoint_name.update({rename(key): key for key in f.keys() if rename(key) not in (None, key)})
     tensors: dict[str, torch.Tensor] = {}
     for name, module in quantized.items():
-        tensors.update(_parts(name, module, module.quant.dequantized(module.packed.data), packed))
+        parts = _parts(name, module, module.quant.dequantized(module.packed.data), packed)
+        tensors.update({checkpoint_name.get(ours, ours): t for ours, t in parts.items()})
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
-                target, _ = checkpoint_target(key, packed)
+                target, _ = checkpoint_target(rename(key) or key, packed)
                 if target.rpartition(".")[0] in quantized or key in tensors:
                     continue
                 tensors[key] = f.get_tensor(key).to(torch.float32) if f.get_tensor(key).is_floating_point() else f.get_tensor(key)

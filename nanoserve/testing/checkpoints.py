@@ -2,7 +2,9 @@
 
 Nothing can be downloaded in tests, so every checkpoint nanoserve is tested against is made here:
 transformers' own model classes (``Qwen3ForCausalLM``, ``Qwen2ForCausalLM``, ``LlamaForCausalLM``,
-the mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM``, ``Phi3ForCausalLM``) with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
+the mixture-of-experts ``Qwen3MoeForCausalLM`` and ``MixtralForCausalLM``, ``Phi3ForCausalLM``,
+``Gemma2ForCausalLM``, ``Gemma3ForCausalLM`` and the vision-language ``Gemma3ForConditionalGeneration`` with a
+tiny SigLIP tower) with seeded weights, saved with ``save_pretrained`` exactly as a hub checkpoint would be, next to a
 byte-level BPE tokenizer trained on a corpus generated in code.
 
 The same ``(arch, kwargs, seed)`` gives byte-identical files on every run (weights come from a
@@ -39,8 +41,9 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral", "phi3")
+SUPPORTED_ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3_moe", "mixtral", "phi3", "gemma2", "gemma3", "gemma3_vl")
 MOE_ARCHS = ("qwen3_moe", "mixtral")
+GEMMA_ARCHS = ("gemma2", "gemma3", "gemma3_vl")
 EXPERT_LAYOUTS = ("per_expert", "stacked")
 
 # Init scales chosen so that greedy decoding of a tiny random model is *not* near-constant: with the
@@ -56,6 +59,12 @@ NORM_SPREAD = 0.3
 # at 2.5 instead of 1 sharpen it (measured: >= 14 distinct tokens in 20 greedy steps went from
 # ~77% to ~100% of random prompts at hidden 64).
 QK_NORM_CENTER = 2.5
+# Gemma: tanh soft-capping of scores and logits saturates with the projections above (logits pile up near
+# +-cap and greedy steps become near-ties), and its embedding is scaled by sqrt(hidden): smaller projections keep
+# scores and logits in tanh's curved but unsaturated range (measured on the fixtures below: see
+# tests/model/test_gemma_parity.py, which asserts the reference output varies).
+GEMMA_LINEAR_STD = 0.15
+GEMMA_EMBED_STD = 0.05
 
 DEFAULT_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
     # GQA with head_dim decoupled from hidden/heads (64/4 = 16), as in real Qwen3 checkpoints.
@@ -119,6 +128,44 @@ DEFAULT_ARCH_CONFIGS: dict[str, dict[str, Any]] = {
         rope_scaling={"rope_type": "longrope", "partial_rotary_factor": 0.75,
                       "short_factor": [1.0 + 0.25 * i for i in range(24)], "long_factor": [2.0 + 1.5 * i for i in range(24)]},
         extra_config={"original_max_position_embeddings": 64}, seed=13,
+    ),
+    # Gemma: local (window 8) and global layers mixed, query_pre_attn_scalar != head_dim, tied embeddings.
+    # Gemma 2 soft-caps scores and logits (caps small enough to bend this model's values, unlike 50 / 30 here);
+    # Gemma 3 has q/k norms and a rope per layer type (linear scaling on the global layers, as 4B+ ship).
+    "gemma2": dict(
+        arch="gemma2", num_hidden_layers=3, head_dim=16,
+        extra_config={
+            "sliding_window": 8, "query_pre_attn_scalar": 24, "attn_logit_softcapping": 4.0,
+            "final_logit_softcapping": 6.0,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        },
+        seed=25,
+    ),
+    "gemma3": dict(
+        arch="gemma3", num_hidden_layers=3, head_dim=16,
+        extra_config={
+            "sliding_window": 8, "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        seed=13,
+    ),
+    # Gemma3ForConditionalGeneration: the gemma3 text model above beside a one-layer SigLIP tower and the
+    # projector, tensors named as the hub ships them (language_model.model.*, vision_tower.*, ...).
+    "gemma3-vl": dict(
+        arch="gemma3_vl", num_hidden_layers=2, head_dim=16, tie_word_embeddings=True, embed_std=0.02,
+        extra_config={
+            "sliding_window": 8, "query_pre_attn_scalar": 24,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+        },
+        seed=14,
     ),
 }  # fmt: skip
 """Test matrix: name -> ``build_checkpoint`` kwargs. All tiny (hidden <= 128, layers <= 4)."""
@@ -283,6 +330,9 @@ def _make_config(
     ``moe``: the mixture-of-experts fields (``num_experts``, ``num_experts_per_tok``, and for qwen3_moe
     ``moe_intermediate_size``, ``norm_topk_prob``, ``decoder_sparse_step``, ``mlp_only_layers``)."""
     from transformers import (
+        Gemma2Config,
+        Gemma3Config,
+        Gemma3TextConfig,
         LlamaConfig,
         MistralConfig,
         MixtralConfig,
@@ -290,6 +340,7 @@ def _make_config(
         Qwen2Config,
         Qwen3Config,
         Qwen3MoeConfig,
+        SiglipVisionConfig,
     )
 
     if arch not in SUPPORTED_ARCHS:
@@ -362,6 +413,23 @@ def _make_config(
     elif arch == "mistral":
         config = MistralConfig(**{"sliding_window": None, **common}, head_dim=head_dim)
         config.architectures = ["MistralForCausalLM"]
+    elif arch == "gemma2":
+        config = Gemma2Config(**common, head_dim=head_dim, hidden_activation="gelu_pytorch_tanh")
+        config.architectures = ["Gemma2ForCausalLM"]
+    elif arch == "gemma3":
+        config = Gemma3TextConfig(**common, head_dim=head_dim, hidden_activation="gelu_pytorch_tanh")
+        config.architectures = ["Gemma3ForCausalLM"]
+    elif arch == "gemma3_vl":
+        text = Gemma3TextConfig(**common, head_dim=head_dim, hidden_activation="gelu_pytorch_tanh")
+        vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                    image_size=32, patch_size=8)  # fmt: skip
+        config = Gemma3Config(
+            text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+            tie_word_embeddings=tie_word_embeddings, dtype=torch_dtype,
+        )  # fmt: skip
+        # as the hub's configs carry them, at top level
+        config.bos_token_id, config.eos_token_id, config.pad_token_id = eos_id, eos_id, eos_id
+        config.architectures = ["Gemma3ForConditionalGeneration"]
     else:
         config = LlamaConfig(**common, head_dim=head_dim)
         config.architectures = ["LlamaForCausalLM"]
@@ -376,28 +444,35 @@ def _model_class(arch: str) -> type:
         "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
         "mistral": "MistralForCausalLM",
         "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM", "phi3": "Phi3ForCausalLM",
+        "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3_vl": "Gemma3ForConditionalGeneration",
     }  # fmt: skip
     return getattr(transformers, names[arch])
 
 
 @torch.no_grad()
-def _reinit_weights(model: nn.Module, seed: int) -> None:
-    """Overwrite every parameter with the wide, deterministic init described at ``LINEAR_STD``.
+def _reinit_weights(
+    model: nn.Module, seed: int, linear_std: float = LINEAR_STD, embed_std: float = EMBED_STD, gemma: bool = False
+) -> None:
+    """Overwrite every parameter with the wide, deterministic init described at ``LINEAR_STD`` (``gemma``: its
+    norms scale by 1 + w, so w is drawn one lower for the same scales).
 
     Uses its own generator so the result depends only on ``seed`` and the module order, not on
-    whatever the constructor's default init consumed from the global RNG.
+    whatever the constructor's default init consumed from the global RNG. A vision tower and its
+    projector (Gemma 3's vision-language checkpoint) keep the constructor's init: no test reads them.
     """
     gen = torch.Generator().manual_seed(seed)
     seen: set[int] = set()  # a tied lm_head shares the embedding tensor: init it once, as an embedding
     for name, module in model.named_modules():
+        if "vision_tower" in name or "multi_modal_projector" in name:
+            continue
         params = [p for p in module.parameters(recurse=False)]
         if any(id(p) in seen for p in params):
             continue
         seen.update(id(p) for p in params)
         if isinstance(module, nn.Embedding):
-            module.weight.normal_(0.0, EMBED_STD, generator=gen)
+            module.weight.normal_(0.0, embed_std, generator=gen)
         elif isinstance(module, nn.Linear):
-            module.weight.normal_(0.0, LINEAR_STD, generator=gen)
+            module.weight.normal_(0.0, linear_std, generator=gen)
             if module.bias is not None:
                 module.bias.normal_(0.0, BIAS_STD, generator=gen)
         elif type(module).__name__.endswith(("Experts", "TopKRouter")):
@@ -408,7 +483,7 @@ def _reinit_weights(model: nn.Module, seed: int) -> None:
         elif type(module).__name__.endswith("RMSNorm"):
             w = module.weight
             center = QK_NORM_CENTER if name.rsplit(".", 1)[-1] in ("q_norm", "k_norm") else 1.0
-            w.copy_(center * (1.0 + (torch.rand(w.shape, generator=gen) * 2.0 - 1.0) * NORM_SPREAD))
+            w.copy_(center * (1.0 + (torch.rand(w.shape, generator=gen) * 2.0 - 1.0) * NORM_SPREAD) - float(gemma))
         elif params:
             raise RuntimeError(f"no init rule for {type(module).__name__} parameters")
 
@@ -453,7 +528,8 @@ def _rewrite_config_v4(config_path: pathlib.Path) -> None:
     """Reshape a transformers-5 ``config.json`` into what transformers 4.x wrote (most hub checkpoints).
 
     v4 shape: top-level ``rope_theta`` and ``rope_scaling`` (null when unscaled), ``torch_dtype``
-    instead of ``dtype``, no ``rope_parameters``; Qwen configs without ``layer_types``.
+    instead of ``dtype``, no ``rope_parameters``; Qwen configs without ``layer_types``; Gemma 3's local layers'
+    rope base as ``rope_local_base_freq``.
     """
     cfg = json.loads(config_path.read_text())
     rope = dict(cfg.pop("rope_parameters"))
@@ -465,6 +541,9 @@ def _rewrite_config_v4(config_path: pathlib.Path) -> None:
             continue  # older Qwen checkpoints predate this field; absent means all full attention
         else:
             out[key] = value
+    if "full_attention" in rope:  # Gemma 3: the global layers' rope at top level, the local layers' base apart
+        out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
     out["rope_theta"] = rope.pop("rope_theta")
     out["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
     out["transformers_version"] = "4.51.3"
@@ -499,6 +578,9 @@ def build_checkpoint(
     mlp_only_layers: list[int] | None = None,
     expert_layout: str = "per_expert",
     extra_config: dict[str, Any] | None = None,
+    transformers5_names: bool = False,
+    linear_std: float | None = None,
+    embed_std: float | None = None,
 ) -> pathlib.Path:
     """Write a random-weight Hugging Face checkpoint of ``arch`` to ``path`` and return ``path``.
 
@@ -521,6 +603,10 @@ def build_checkpoint(
     tensors transformers 5 holds in memory (``save_original_format=False``).
     ``extra_config``: more fields for the architecture's config class (``sliding_window``, ``use_sliding_window``,
     ``max_window_layers``, ``layer_types``, ...); ``mistral`` has no sliding window unless given one.
+    ``transformers5_names``: tensors named as transformers 5 holds them in memory (``save_original_format=False``:
+    ``model.language_model.*`` in ``gemma3_vl``, stacked experts) rather than as the hub ships them.
+    ``linear_std`` / ``embed_std``: the init scales of projections / embeddings instead of the defaults
+    (``LINEAR_STD`` / ``EMBED_STD``, for Gemma ``GEMMA_LINEAR_STD`` / ``GEMMA_EMBED_STD``).
     """
     from transformers import GenerationConfig
 
@@ -567,7 +653,10 @@ def build_checkpoint(
 
     torch.manual_seed(seed)
     model = _model_class(arch)(config).eval()
-    _reinit_weights(model, seed)
+    gemma = arch in GEMMA_ARCHS
+    linear_std = linear_std or (GEMMA_LINEAR_STD if gemma else LINEAR_STD)
+    embed_std = embed_std or (GEMMA_EMBED_STD if gemma else EMBED_STD)
+    _reinit_weights(model, seed, linear_std, embed_std, gemma)
     model.to(_DTYPES[torch_dtype])
     # Real chat checkpoints stop on either end-of-text or end-of-turn.
     model.generation_config = GenerationConfig(
@@ -591,7 +680,7 @@ def build_checkpoint(
     try:
         model.save_pretrained(
             path, safe_serialization=True, max_shard_size=max_shard_size,
-            save_original_format=expert_layout == "per_expert",
+            save_original_format=expert_layout == "per_expert" and not transformers5_names,
         )  # fmt: skip
     finally:
         if bars_were_enabled:

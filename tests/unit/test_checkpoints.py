@@ -30,6 +30,7 @@ EXPECTED_ARCHITECTURE = {
     "qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM", "gemma3_vl": "Gemma3ForConditionalGeneration",
 }  # fmt: skip
 
 
@@ -106,7 +107,7 @@ def test_arch_checkpoint_loads_and_greedy_is_diverse(name: str, arch_dirs: dict[
 
     tok = transformers.AutoTokenizer.from_pretrained(path)
     model = load_hf_model(path)
-    vocab = model.config.vocab_size
+    vocab = model.config.get_text_config().vocab_size  # a vision-language config holds it in text_config
     assert len(tok) == vocab == kwargs.get("vocab_size", 512)
 
     outs = hf_greedy(None, _random_prompts(vocab, 2, seed=list(DEFAULT_ARCH_CONFIGS).index(name)), 20, model=model)

@@ -66,7 +66,8 @@ def test_config_is_read_only(checkpoint: CheckpointCache) -> None:
 # ------------------------------------------------------------------------------------------------ v4 vs v5 configs
 
 
-@pytest.mark.parametrize("name", ["llama3-rope-scaling", "qwen3-gqa"])
+# gemma3: a rope per layer type (rope_parameters keyed by layer type vs rope_theta + rope_local_base_freq)
+@pytest.mark.parametrize("name", ["llama3-rope-scaling", "qwen3-gqa", "gemma3"])
 def test_v4_and_v5_config_shapes_give_identical_output(
     name: str, tmp_path: pathlib.Path, checkpoint: CheckpointCache, hf_reference: ReferenceCache
 ) -> None:
