@@ -156,7 +156,7 @@ class EngineConfig:
             from nanoserve.models.registry import resolve_architecture
             from nanoserve.quantization.config import check_tensor_parallel
 
-            resolve_architecture(hf_config).check_quantization(quant)  # e.g. experts: not quantized yet
+            resolve_architecture(hf_config).check_quantization(quant)  # e.g. pre-quantized experts: refused
             check_tensor_parallel(hf_config, tensor_parallel_size, quant, usable_tensor_parallel_sizes(hf_config))
         if quant is not None and (device != "cpu" or torch_dtype != torch.float32):
             raise ValueError(

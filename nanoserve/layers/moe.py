@@ -14,6 +14,10 @@ same experts for a token without talking to the others.
 Checkpoints come in two layouts, both loaded by :meth:`FusedMoE.weight_loader`: one tensor per expert and
 projection (the hub's, and what ``save_pretrained`` writes by default: ``experts.{e}.gate_proj.weight``, or
 Mixtral's ``w1`` / ``w3`` / ``w2``), or the stacked tensors above (``save_original_format=False``).
+
+Low-bit experts (quantize on load, :meth:`FusedMoE.use_quantized`): the two parameters become stacked packed
+buffers, ``[E, bytes]`` uint8, row ``e`` expert ``e``'s gate_up ([2 I_r, H]) or down ([H, I_r]) in the layout of
+``quantization/layout.py``; each rank quantizes only its own slice, as it arrives through the same loader.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoserve.distributed.parallel_state import TPGroup, divide
-from nanoserve.layers.linear import ReplicatedLinear, check_shape
+from nanoserve.layers.linear import ReplicatedLinear, ShardRegion, check_shape
 
 GATE, UP, DOWN = "gate", "up", "down"
 
@@ -75,6 +79,9 @@ class FusedMoE(nn.Module):
         self.renormalize = renormalize
         self.float32_weights = float32_weights
         self.tp = tp
+        # Low-bit experts: the packed shape of one expert's gate_up and down (None: float weights).
+        self.gate_up_quant: Any = None
+        self.down_quant: Any = None
         self.intermediate_size = intermediate_size  # per expert, whole (all ranks)
         self.intermediate_per_rank = divide(intermediate_size, tp.size, "moe_intermediate_size")
         i_r = self.intermediate_per_rank
@@ -93,6 +100,35 @@ class FusedMoE(nn.Module):
         projs = (GATE, UP) if shard_id == "gate_up" else (DOWN,)
         return [ExpertPart(e, p) for e in range(self.num_experts) for p in projs]
 
+    def use_quantized(
+        self, name: str, config: Any, kernels: Any, usable_tp_sizes: list[int] | None = None,
+        gate_up: bool = True, down: bool = True,
+    ) -> None:  # fmt: skip
+        """Hold the experts' ``gate_up`` and / or ``down`` weights as low-bit codes (``config``: a quantize-on-load
+        ``QuantizationConfig``), before anything is loaded: each float parameter is replaced by an ``[E, bytes]``
+        packed buffer that keeps its loader, so both checkpoint layouts arrive as before and are quantized one
+        expert at a time. Under TP the group size must divide this rank's slice of the intermediate (down's
+        input), or this raises naming the TP sizes that work."""
+        from nanoserve.quantization.linear import QuantizedWeight
+
+        E, H, i_r, tp = self.num_experts, self.hidden_size, self.intermediate_per_rank, self.tp.size
+        if gate_up:
+            self.gate_up_quant = QuantizedWeight(f"{name}.gate_up_proj", "float", config.scheme, 2 * i_r, H, config, kernels)
+        if down:
+            self.down_quant = QuantizedWeight(
+                f"{name}.down_proj", "float", config.scheme, H, i_r, config, kernels, tp, 1, usable_tp_sizes
+            )
+        for attr, quant in (("gate_up_proj", self.gate_up_quant), ("down_proj", self.down_quant)):
+            if quant is None:
+                continue
+            old = getattr(self, attr)
+            buf = quant.allocate()
+            packed = nn.Parameter(buf.new_zeros(E, buf.numel()), requires_grad=False)
+            packed.weight_loader = old.weight_loader
+            packed.checkpoint_parts = old.checkpoint_parts
+            packed.parts_filled = old.parts_filled
+            setattr(self, attr, packed)
+
     # ---- loading -------------------------------------------------------------------------------------------
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
         """Copy this rank's slice of ``loaded`` into ``param``. ``shard_id``: an :class:`ExpertPart` for a
@@ -100,6 +136,9 @@ class FusedMoE(nn.Module):
         ([E, 2 I, H] / [E, H, I])."""
         E, H, inter, i_r = self.num_experts, self.hidden_size, self.intermediate_size, self.intermediate_per_rank
         lo, hi = self.tp.rank * i_r, (self.tp.rank + 1) * i_r
+        if (self.down_quant if param is self.down_proj else self.gate_up_quant) is not None:
+            self._quantize_part(param, loaded, shard_id)
+            return
         if isinstance(shard_id, ExpertPart):
             e = shard_id.expert
             if not 0 <= e < E:
@@ -120,6 +159,43 @@ class FusedMoE(nn.Module):
             param.data.copy_(loaded[:, :, lo:hi])
         else:
             raise ValueError(f"unknown expert shard {shard_id!r}")
+
+    def _quantize_part(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> None:
+        """The low-bit loader: this rank's rows (gate, up) or columns (down) of each expert, quantized into its
+        row of the packed ``param``. A stacked tensor is read one expert at a time."""
+        E, H, inter, i_r = self.num_experts, self.hidden_size, self.intermediate_size, self.intermediate_per_rank
+        lo = self.tp.rank * i_r
+        gate_up, down = self.gate_up_quant, self.down_quant
+        # Regions in the dense layers' terms: gate and up split their rows (dst 0 and I_r), down its columns.
+        rows = {GATE: ShardRegion(0, lo, i_r, 0, (inter, H)), UP: ShardRegion(0, lo, i_r, i_r, (inter, H))}
+        cols = ShardRegion(1, lo, i_r, 0, (H, inter))
+        if isinstance(shard_id, ExpertPart):
+            e = shard_id.expert
+            if not 0 <= e < E:
+                raise ValueError(f"expert {e} does not exist: the config has {E} experts")
+            if shard_id.proj == DOWN:
+                down.load(param.data[e], "weight", loaded, cols, shard_id)
+            else:
+                gate_up.load(param.data[e], "weight", loaded, rows[shard_id.proj], shard_id)
+        elif shard_id == "gate_up":
+            check_shape(loaded, (E, 2 * inter, H))
+            for e in range(E):
+                full = loaded[e : e + 1][0]  # [2 I, H]: one expert read at a time
+                gate_up.load(param.data[e], "weight", full[:inter], rows[GATE], shard_id)
+                gate_up.load(param.data[e], "weight", full[inter:], rows[UP], shard_id)
+        elif shard_id == "down":
+            check_shape(loaded, (E, H, inter))
+            for e in range(E):
+                down.load(param.data[e], "weight", loaded[e : e + 1][0], cols, shard_id)
+        else:
+            raise ValueError(f"unknown expert shard {shard_id!r}")
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The float32 weights this rank computes with: (gate_up [E, 2 I_r, H], down [E, H, I_r])."""
+        def widen(param: nn.Parameter, quant: Any) -> torch.Tensor:
+            return param.data.float() if quant is None else torch.stack([quant.dequantized(b) for b in param.data])
+
+        return widen(self.gate_up_proj, self.gate_up_quant), widen(self.down_proj, self.down_quant)
 
     # ---- compute -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -148,12 +224,17 @@ class FusedMoE(nn.Module):
             if n == 0:
                 continue
             rows = tokens[start : start + n]
-            gate_up = F.linear(x.index_select(0, rows), self.gate_up_proj[e])  # [n, 2 I_r]
+            gate_up = self._linear(x.index_select(0, rows), self.gate_up_proj[e], self.gate_up_quant)  # [n, 2 I_r]
             h = F.silu(gate_up[:, :i_r]) * gate_up[:, i_r:]
-            y = F.linear(h, self.down_proj[e])  # [n, H]
+            y = self._linear(h, self.down_proj[e], self.down_quant)  # [n, H]
             out.index_add_(0, rows, (y * slot_weights[start : start + n, None]).to(out.dtype))
             start += n
         return out
+
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, quant: Any) -> torch.Tensor:
+        # weight: one expert's float [N, K], or its packed row (the dense layers' low-bit kernels multiply it)
+        return F.linear(x, weight) if quant is None else quant.matmul(x, weight, None)
 
     def active_parameter_bytes(self) -> int:
         """Bytes of this rank's expert weights one token reads: ``top_k`` of the ``num_experts`` experts."""
@@ -175,6 +256,9 @@ class SparseMoeBlock(nn.Module):
             num_experts, top_k, hidden_size, intermediate_size, renormalize, dtype, tp, float32_weights
         )
         self.gate = ReplicatedLinear(hidden_size, num_experts, False, dtype)
+        # The router stays float32 under quantization (as vLLM keeps it): it is tiny, and low-bit router logits
+        # would change which experts a token picks, not just how precisely they compute.
+        self.gate.keep_float = True
         # The C decode loop (models/native_decode.py) has no experts kernel: a layer without kernels makes it
         # decline the whole model, which then runs the per-layer path.
         self.kernels = None

@@ -36,12 +36,17 @@ class MoeForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def check_quantization(cls, quantization: Any) -> None:
-        if quantization is not None:
-            # The experts are stacked parameters, not linear layers: the low-bit path does not reach them yet.
+        if quantization is not None and not quantization.on_load:
+            # A format's packed experts (per-expert qweight / scales, or fused expert tensors) need their own
+            # unpacking into the stacked buffers; only float checkpoints quantized on load reach the experts.
             raise ValueError(
-                f"quantization ({quantization.method}) is not supported for {cls.__name__}: "
-                "mixture-of-experts weights are not quantized yet; run it unquantized (float32)"
+                f"{quantization.method} checkpoints are not supported for {cls.__name__}: pre-quantized "
+                "mixture-of-experts weights cannot be loaded; use the float checkpoint with quantization='int8' "
+                "or 'int4' (quantized on load)"
             )
+
+    # The checkpoint's names of an expert's gate, up and down projections (quantization_skip matches them).
+    expert_projection_names = ("gate_proj", "up_proj", "down_proj")
 
     # Mixtral scales expert outputs by float32 routing weights; Qwen3-MoE rounds the weights to the activations'
     # dtype first (see FusedMoE; the same in float32).
@@ -106,6 +111,7 @@ class MixtralForCausalLM(MoeForCausalLM):
     ``intermediate_size`` wide."""
 
     float32_routing_weights = True
+    expert_projection_names = ("w1", "w3", "w2")
 
     @classmethod
     def moe_settings(cls, hf_config: Any) -> tuple[int, int, int, bool]:

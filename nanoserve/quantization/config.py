@@ -341,6 +341,11 @@ def check_tensor_parallel(hf_config: Any, tp_size: int, config: QuantizationConf
         "self_attn.o_proj": hf_config.num_attention_heads * head_dim,
         "mlp.down_proj": hf_config.intermediate_size,
     }
+    # Experts split their intermediate the same way (down's input); Mixtral's are intermediate_size wide.
+    if getattr(hf_config, "moe_intermediate_size", None):
+        inputs["mlp.experts.down_proj"] = hf_config.moe_intermediate_size
+    elif getattr(hf_config, "num_local_experts", None):
+        inputs = {"self_attn.o_proj": inputs["self_attn.o_proj"], "mlp.experts.down_proj": hf_config.intermediate_size}
     for layer, size in inputs.items():
         if size % tp_size or (size // tp_size) % group:
             ok = [t for t in usable if size % t == 0 and (size // t) % group == 0 and all(

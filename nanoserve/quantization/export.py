@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from nanoserve.distributed.parallel_state import TPGroup
 from nanoserve.layers.embed_head import ParallelLMHead
 from nanoserve.layers.linear import FUSED_SHARD, MergedColumnParallelLinear, QKVParallelLinear
+from nanoserve.layers.moe import FusedMoE
 from nanoserve.models.decoder import BuildContext
 from nanoserve.models.loader import checkpoint_files, checkpoint_target, load_weights
 from nanoserve.models.registry import resolve_architecture
@@ -43,6 +44,21 @@ def _parts(name: str, module: Any, weight: torch.Tensor, packed: dict[str, tuple
     else:
         return {f"{name}.weight": weight}
     return {f"{prefix}.{by_part[shard]}.weight": piece.contiguous() for shard, piece in pieces.items()}
+
+
+def _expert_tensors(name: str, module: FusedMoE, model: Any) -> dict[str, torch.Tensor]:
+    """A low-bit experts layer widened into the hub's per-expert tensors (``mlp.experts.{e}.gate_proj.weight``;
+    Mixtral's ``block_sparse_moe.experts.{e}.w1.weight``), whichever layout the source checkpoint had."""
+    gate_up, down = module.dequantized()  # [E, 2 I, H], [E, H, I] (one rank: whole)
+    i = module.intermediate_size
+    gate, up, down_name = model.expert_projection_names
+    prefix = name.rsplit(".mlp.experts", 1)[0] + (".block_sparse_moe.experts" if gate == "w1" else ".mlp.experts")
+    out = {}
+    for e in range(module.num_experts):
+        out[f"{prefix}.{e}.{gate}.weight"] = gate_up[e, :i].contiguous()
+        out[f"{prefix}.{e}.{up}.weight"] = gate_up[e, i:].contiguous()
+        out[f"{prefix}.{e}.{down_name}.weight"] = down[e].contiguous()
+    return out
 
 
 def write_dequantized_checkpoint(model_dir: str | Path, out_dir: str | Path, quantization: Any) -> Path:
@@ -71,12 +87,21 @@ def write_dequantized_checkpoint(model_dir: str | Path, out_dir: str | Path, qua
     for name, module in quantized.items():
         parts = _parts(name, module, module.quant.dequantized(module.packed.data), packed)
         tensors.update({checkpoint_name.get(ours, ours): t for ours, t in parts.items()})
+    experts = {
+        n: m for n, m in modules.items()
+        if isinstance(m, FusedMoE) and (m.gate_up_quant is not None or m.down_quant is not None)
+    }  # fmt: skip
+    for name, module in experts.items():
+        tensors.update(_expert_tensors(name, module, model))
+    expert_target = getattr(model, "expert_checkpoint_target", lambda key: None)
     for path in checkpoint_files(model_dir):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():
                 target, _ = checkpoint_target(rename(key) or key, packed)
                 if target.rpartition(".")[0] in quantized or key in tensors:
                     continue
+                if (hit := expert_target(rename(key) or key)) and hit[1] is not None and hit[0].rpartition(".")[0] in experts:
+                    continue  # written widened above, one tensor per expert
                 tensors[key] = f.get_tensor(key).to(torch.float32) if f.get_tensor(key).is_floating_point() else f.get_tensor(key)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out_dir / "model.safetensors"))

@@ -18,6 +18,7 @@ from torch import nn
 from nanoserve.layers import native
 from nanoserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanoserve.layers.linear import LinearBase, ShardRegion, check_shape
+from nanoserve.layers.moe import FusedMoE
 from nanoserve.quantization import formats, layout
 from nanoserve.quantization.config import QuantizationConfig, WeightScheme, module_skipped
 from nanoserve.quantization.quantize import ROWS_PER_PIECE, quantize
@@ -222,7 +223,9 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, kernels: Any, h
     usable = usable_tensor_parallel_sizes(hf_config) if hf_config is not None else None
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, LinearBase):
+        if isinstance(module, FusedMoE) and config.on_load:
+            count += _quantize_experts(model, name, module, config, kernels, usable)
+        elif isinstance(module, LinearBase) and not getattr(module, "keep_float", False):  # routers stay float
             names = _module_names(name, packed)
             user_skip = config.on_load and _all_or_none(config.skip, names, name, "quantization_skip")
             ckpt_skip = not config.on_load and _all_or_none(config.checkpoint_ignore, names, name, "the checkpoint's ignore list")
@@ -244,6 +247,22 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, kernels: Any, h
     _embedding_at_stored_size(model, config, hf_config)
     logger.info("quantized %d layers (%s)", count, config.describe())
     return count
+
+
+def _quantize_experts(
+    model: nn.Module, name: str, module: FusedMoE, config: QuantizationConfig, kernels: Any, usable: list[int] | None
+) -> int:
+    """Switch the experts' gate_up and down to low-bit unless ``quantization_skip`` names them: the layer
+    (``mlp.experts``, ``mlp``), or a projection by our name or the checkpoint's (``down_proj``; Mixtral's ``w2``).
+    gate and up share one buffer, so they are skipped together or not at all. Returns how many it switched."""
+    gate, up, down = getattr(model, "expert_projection_names", ("gate_proj", "up_proj", "down_proj"))
+    if module_skipped(config.skip, [name]):
+        return 0
+    gate_up = not _all_or_none(config.skip, [f"{name}.gate_up_proj", f"{name}.{gate}", f"{name}.{up}"], name, "quantization_skip")
+    down = not module_skipped(config.skip, [f"{name}.down_proj", f"{name}.{down}"])
+    if gate_up or down:
+        module.use_quantized(name, config, kernels, usable, gate_up=gate_up, down=down)
+    return int(gate_up) + int(down)
 
 
 def _embedding_at_stored_size(model: nn.Module, config: QuantizationConfig, hf_config: Any) -> None:
