@@ -4,7 +4,7 @@ The checkpoints (``DEFAULT_ARCH_CONFIGS``) cover top-2 and top-3 of 8 experts, `
 false, dense and sparse layers mixed (``mlp_only_layers``; ``decoder_sparse_step=2``), and both checkpoint
 layouts (one tensor per expert; stacked). ``test_parity.py``'s every-architecture test runs them with mixed
 prompt lengths too. Bad input (top-k above the expert count, a TP size that does not split the experts, a
-missing expert tensor, quantization) fails with an error naming it.
+missing expert tensor, a pre-quantized checkpoint) fails with an error naming it.
 """
 
 from __future__ import annotations
@@ -216,13 +216,23 @@ def test_a_tp_size_that_does_not_split_the_experts(
         EngineConfig.create(str(path), tensor_parallel_size=tp)
 
 
-@pytest.mark.parametrize("tp", [1, 2])
-def test_quantized_experts_are_refused(checkpoint: CheckpointCache, tp: int) -> None:
-    """Refused while the options are checked (before any worker starts), naming the model class."""
-    with pytest.raises(ValueError, match="for Qwen3MoeForCausalLM: mixture-of-experts weights are not quantized yet"):
-        EngineConfig.create(str(checkpoint("qwen3-moe")), quantization="int8", tensor_parallel_size=tp)
-    with pytest.raises(ValueError, match="mixture-of-experts weights are not quantized yet"):
-        LLM(str(checkpoint("mixtral")), quantization="int4", kv_cache_memory="1MiB")
+@pytest.mark.parametrize(
+    "name, qc, message",
+    [
+        ("qwen3-moe", {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True},
+         "gptq checkpoints are not supported for Qwen3MoeForCausalLM: pre-quantized mixture-of-experts weights"),
+        ("mixtral", {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
+         "awq checkpoints are not supported for MixtralForCausalLM: pre-quantized mixture-of-experts weights"),
+    ],
+)  # fmt: skip
+def test_pre_quantized_experts_are_refused(
+    name: str, qc: dict[str, Any], message: str, checkpoint: CheckpointCache, tmp_path: pathlib.Path
+) -> None:
+    """A GPTQ / AWQ MoE checkpoint is refused while the options are checked (before any worker starts), naming
+    the format and the model class; quantize-on-load experts are tests/model/test_moe_quantized.py's."""
+    path = patched_copy(checkpoint(name), tmp_path / "m", quantization_config=qc)
+    with pytest.raises(ValueError, match=message):
+        EngineConfig.create(str(path))
 
 
 def test_mixtral_with_a_sliding_window_matches_transformers(checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
