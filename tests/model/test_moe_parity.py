@@ -47,6 +47,7 @@ from tests.model.test_parity import (
     bytes_per_block,
     traced_llm,
 )
+from tests.quant_packers import compressed_tensors_quantization_config
 
 MOE_NAMES = ["qwen3-moe", "qwen3-moe-step2-stacked", "mixtral"]
 # transformers' rule: sparse unless in mlp_only_layers, then every decoder_sparse_step-th layer.
@@ -223,7 +224,10 @@ def test_a_tp_size_that_does_not_split_the_experts(
          "gptq checkpoints are not supported for Qwen3MoeForCausalLM: pre-quantized mixture-of-experts weights"),
         ("mixtral", {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
          "awq checkpoints are not supported for MixtralForCausalLM: pre-quantized mixture-of-experts weights"),
+        ("qwen3-moe", compressed_tensors_quantization_config(4, 32, True, ["lm_head"]),
+         "compressed-tensors checkpoints are not supported for Qwen3MoeForCausalLM: pre-quantized"),
     ],
+    ids=["gptq", "awq", "compressed-tensors"],
 )  # fmt: skip
 def test_pre_quantized_experts_are_refused(
     name: str, qc: dict[str, Any], message: str, checkpoint: CheckpointCache, tmp_path: pathlib.Path
