@@ -19,7 +19,9 @@ def block_bytes_per_rank(name: str, tp: int) -> int:
     return cfg["num_hidden_layers"] * 2 * BLOCK_SIZE * (cfg.get("num_key_value_heads", 2) // tp) * cfg["head_dim"] * 4
 
 
-@pytest.mark.parametrize("name", ["gemma2", "gemma3", "gemma3-vl"])
+# gemma3's text model runs at TP 2 inside gemma3-vl (same layers, q/k norms, a rope per layer type); its own
+# case is left to TP 1, to hold CI time.
+@pytest.mark.parametrize("name", ["gemma2", "gemma3-vl"])
 def test_gemma_tp2_matches_transformers(tp_checkpoints, name: str) -> None:
     path = tp_checkpoints(name)
     shared = make_prompts(1, seed=3, low=12, high=12)[0]  # three whole blocks, cached by the first round
