@@ -7,15 +7,9 @@ import json
 from typing import Any
 
 import pytest
-import torch
 
 from nanoserve.cli import main
-from nanoserve.config import EngineConfig
-from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.models.decoder import BuildContext
-from nanoserve.models.registry import resolve_architecture
-from nanoserve.runner.model_runner import ModelRunner
-from nanoserve.tools.plan import make_plan
+from tests.tools.plan_check import plan_beside_real_ranks
 
 CLI_SMALL = ("--kv-cache-memory", "2MiB", "--block-size", "4", "--no-progress")
 
@@ -43,22 +37,11 @@ def expected_expert_bytes(hf: Any, tp: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name,tp", [("qwen3-moe", 1), ("qwen3-moe-step2-stacked", 2), ("mixtral", 2)])
 def test_plan_counts_experts_as_the_layers_hold_them(checkpoint, name: str, tp: int) -> None:
-    path = str(checkpoint(name))
-    plan = make_plan(path, tensor_parallel_size=tp, kv_cache_memory="1MiB", block_size=4)
-    config = EngineConfig.create(path, tensor_parallel_size=tp, kv_cache_memory="1MiB", block_size=4)
-    hf = config.hf_config
-    experts, active = expected_expert_bytes(hf, tp)
-    for rank in range(tp):
-        ctx = BuildContext(torch.float32, TPGroup(rank=rank, size=tp), "torch_sdpa", config.max_model_len)
-        real = resolve_architecture(hf)(hf, ctx)
-        r = plan.ranks[rank]
-        assert r.weight_bytes == sum(p.numel() * p.element_size() for p in real.parameters()) == r.weights.total
+    _, config, ranks = plan_beside_real_ranks(str(checkpoint(name)), tp)
+    experts, active = expected_expert_bytes(config.hf_config, tp)
+    for r, _ in ranks:
         assert r.expert_bytes == experts
         assert r.active_weight_bytes == r.weight_bytes - experts + active < r.weight_bytes
-    if tp == 1:
-        runner = ModelRunner(config, TPGroup())
-        assert plan.ranks[0].weight_bytes == runner.weight_bytes()
-        assert plan.ranks[0].kv_bytes_per_block == runner.kv_bytes_per_block
 
 
 def test_plan_text_shows_the_experts(checkpoint, capsys) -> None:

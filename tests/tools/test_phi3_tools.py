@@ -7,15 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from nanoserve.cli import main
-from nanoserve.config import EngineConfig
-from nanoserve.distributed.parallel_state import TPGroup
-from nanoserve.models.decoder import BuildContext
-from nanoserve.models.registry import resolve_architecture
-from nanoserve.runner.model_runner import ModelRunner
-from nanoserve.tools.plan import make_plan
+from tests.tools.plan_check import plan_beside_real_ranks
 
 CLI_SMALL = ("--kv-cache-memory", "2MiB", "--block-size", "4", "--no-progress")
 
@@ -43,21 +37,11 @@ def test_verify_passes(checkpoint, capsys, tmp_path, name: str) -> None:
 
 @pytest.mark.parametrize("name, tp", [("phi3-longrope-window", 1), ("phi4-mini-partial-rotary", 2)])
 def test_plan_counts_what_the_layers_hold(checkpoint, name: str, tp: int) -> None:
-    path = str(checkpoint(name))
-    plan = make_plan(path, tensor_parallel_size=tp, kv_cache_memory="1MiB", block_size=4)
-    config = EngineConfig.create(path, tensor_parallel_size=tp, kv_cache_memory="1MiB", block_size=4)
+    plan, config, ranks = plan_beside_real_ranks(str(checkpoint(name)), tp)
     hf = config.hf_config
     assert plan.architecture == "Phi3ForCausalLM"
-    for rank in range(tp):
-        ctx = BuildContext(torch.float32, TPGroup(rank=rank, size=tp), "torch_sdpa", config.max_model_len)
-        real = resolve_architecture(hf)(hf, ctx)
-        r = plan.ranks[rank]
-        assert r.weight_bytes == sum(p.numel() * p.element_size() for p in real.parameters()) == r.weights.total
+    for r, real in ranks:
         assert r.rotary_table_bytes == sum(b.numel() * b.element_size() for b in real.buffers())
     head_dim = hf.hidden_size // hf.num_attention_heads
     rotary = head_dim * 3 // 4 if "phi4" in name else head_dim
     assert plan.ranks[0].rotary_table_bytes == 2 * config.max_model_len * rotary * 4
-    if tp == 1:
-        runner = ModelRunner(config, TPGroup())
-        assert plan.ranks[0].weight_bytes == runner.weight_bytes()
-        assert plan.ranks[0].kv_bytes_per_block == runner.kv_bytes_per_block
