@@ -47,7 +47,11 @@ def assert_prompt_logprobs_match(prompt: list[int], got: list, ref: torch.Tensor
     for pos in range(1, len(prompt)):
         entry, row, token = got[pos], ref[pos - 1], prompt[pos]
         assert entry[token].logprob == pytest.approx(float(row[token]), abs=LOGPROB_ATOL), f"position {pos}"
-        assert entry[token].rank == int((row > row[token]).sum()) + 1, f"position {pos}"
+        # Rank: 1 + the tokens more likely. A token within float noise of this one (random weights make such
+        # near-ties over a long prompt) may fall on either side of it, on either engine.
+        surely_above = int((row > row[token] + LOGPROB_ATOL).sum())
+        maybe_above = int((row > row[token] - LOGPROB_ATOL).sum()) - 1  # less the token itself
+        assert surely_above + 1 <= entry[token].rank <= maybe_above + 1, f"position {pos}"
         top = sorted((lp.rank, t) for t, lp in entry.items() if t != token or lp.rank <= TOP_K)
         ref_top = row.topk(TOP_K)
         assert [t for _, t in top][:TOP_K] == ref_top.indices.tolist(), f"top-{TOP_K} at position {pos}"
