@@ -14,7 +14,8 @@ per expert (``mlp.experts.{e}.gate_proj.weight_packed`` / ``.weight_scale`` / ..
   holds its slice; the router and LM head stay float; ``plan``'s expert bytes are the packed buffers'; ``verify``
   on asymmetric experts.
 * Bad input: a missing tensor of one expert, a whole expert missing, a packed tensor of the wrong shape, a TP
-  size that splits a group, stacked pre-quantized experts, an ignore list naming some experts of a layer.
+  size that splits a group, stacked pre-quantized experts, an ignore list naming some experts of a layer,
+  quantization_skip (which applies to quantize-on-load only).
 """
 
 from __future__ import annotations
@@ -274,6 +275,12 @@ def test_a_group_that_cuts_a_ranks_expert_slice_is_refused(checkpoint: Checkpoin
     with pytest.raises(ValueError, match=r"mlp\.experts\.down_proj: group size 32 does not fit this rank's share of its "
                        r"input \(32 over tensor_parallel_size 2\); the sizes that work are 1$"):  # fmt: skip
         EngineConfig.create(str(path), tensor_parallel_size=2)
+
+
+def test_quantization_skip_does_not_reach_pre_quantized_experts(quantized: Callable[..., pathlib.Path]) -> None:
+    """The checkpoint's own ignore list decides what is float (above); quantization_skip is quantize-on-load's."""
+    with pytest.raises(ValueError, match=r"quantization_skip apply to quantize-on-load .*already quantized \(compressed-tensors\)"):
+        EngineConfig.create(str(quantized("ct-sym")), quantization_skip="mlp.experts")
 
 
 def test_an_ignore_list_naming_some_experts_of_a_layer_is_refused(quantized: Callable[..., pathlib.Path]) -> None:
