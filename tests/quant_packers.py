@@ -56,8 +56,15 @@ AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
 """The inverse: output column ``8*j + c`` lives in nibble ``AWQ_REVERSE_ORDER[c]``."""
 
 GPTQ_BITS = (2, 3, 4, 8)
-QUANTIZED_MODULE = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)$")
-"""The Linear modules ``write_quantized_checkpoint`` quantizes (minus any matching ``skip``)."""
+QUANTIZED_MODULE = re.compile(
+    r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj"
+    r"|mlp\.experts\.\d+\.(gate|up|down)_proj|block_sparse_moe\.experts\.\d+\.w[123])$"
+)
+"""The Linear modules ``write_quantized_checkpoint`` quantizes (minus any matching ``skip``): the dense layers',
+and each expert's of a mixture-of-experts layer (Qwen3-MoE's ``mlp.experts.{e}.gate_proj``, Mixtral's
+``block_sparse_moe.experts.{e}.w1``), one expert at a time as llmcompressor / GPTQ / AWQ write them. Routers
+(``mlp.gate``, ``block_sparse_moe.gate``) stay float, as llmcompressor's MoE recipes ignore them."""
+ROUTER = re.compile(r"^model\.layers\.\d+\.(mlp|block_sparse_moe)\.gate\.weight$")
 FORMATS = ("gptq", "awq", "compressed-tensors", "int-quantized")
 """``int-quantized`` is compressed-tensors' W8A8 format (its ``quant_method`` is "compressed-tensors" too)."""
 COMPRESSED_TENSORS_VERSION = "0.20.1"
@@ -576,8 +583,9 @@ def write_quantized_checkpoint(
     ``"compressed-tensors"`` (pack-quantized, ``bits`` 1..8, scales in ``ct_scale_dtype``) or
     ``"int-quantized"`` (compressed-tensors W8A8: ``bits`` 8, symmetric, scales in ``ct_scale_dtype``).
 
-    Quantized: the Linear weights of ``model.layers.*`` (``q/k/v/o_proj``, ``gate/up/down_proj``) whose
-    module name contains none of the ``skip`` strings. Each ``<module>.weight`` is replaced by the
+    Quantized: the Linear weights of ``model.layers.*`` (``q/k/v/o_proj``, ``gate/up/down_proj``, and each
+    expert's of a mixture-of-experts model, see :data:`QUANTIZED_MODULE`) whose module name contains none of the
+    ``skip`` strings. Stacked expert tensors (``mlp.experts.gate_up_proj``) are no Linear's and stay float. Each ``<module>.weight`` is replaced by the
     format's tensors (``<module>.qweight`` ... or ``<module>.weight_packed`` ...); biases, norms,
     embeddings and ``lm_head`` are copied unchanged (source dtype). Shard layout follows the source.
     ``config.json`` gains ``quantization_config`` (GPTQ also gets AutoGPTQ's ``quantize_config.json``);
@@ -606,11 +614,14 @@ def write_quantized_checkpoint(
     quant_shards: list[tuple[str, dict[str, torch.Tensor]]] = []
     deq_shards: list[tuple[str, dict[str, torch.Tensor]]] = []
     skipped: list[str] = []
+    routers: set[str] = set()
     shared_perms: dict[tuple[str, str], torch.Tensor] = {}
     for file_name, tensors in _read_tensors(src):
         quant: dict[str, torch.Tensor] = {}
         deq: dict[str, torch.Tensor] = {}
         for name, tensor in tensors.items():
+            if m := ROUTER.match(name):
+                routers.add(m[1])
             module, _, leaf = name.rpartition(".")
             if leaf != "weight" or not QUANTIZED_MODULE.match(module):
                 quant[name] = deq[name] = tensor
@@ -651,15 +662,18 @@ def write_quantized_checkpoint(
         deq_shards.append((file_name, deq))
     skipped.sort()
 
+    # llmcompressor's MoE examples ignore the routers by regex: ["lm_head", "re:.*mlp.gate$"] (Mixtral's
+    # "re:.*block_sparse_moe.gate$").
+    ct_ignore = ["lm_head", *skipped, *(f"re:.*{block}.gate$" for block in sorted(routers))]
     if fmt == "gptq":
         qconfig = gptq_quantization_config(bits, group_size, symmetric, desc_act, skipped)
     elif fmt == "awq":
         qconfig = awq_quantization_config(group_size, sorted({s for s in skip if s != "lm_head"}) or None)
     elif fmt == "int-quantized":
-        qconfig = int_quantized_quantization_config(group_size, ["lm_head", *skipped])
+        qconfig = int_quantized_quantization_config(group_size, ct_ignore)
     else:
         # targets "Linear" covers lm_head too, which stays dense here whatever `skip` says
-        qconfig = compressed_tensors_quantization_config(bits, group_size, symmetric, ["lm_head", *skipped])
+        qconfig = compressed_tensors_quantization_config(bits, group_size, symmetric, ct_ignore)
 
     for out_dir, shards, cfg in (
         (dst, quant_shards, {**config, "quantization_config": qconfig}),

@@ -15,9 +15,13 @@ Checkpoints come in two layouts, both loaded by :meth:`FusedMoE.weight_loader`: 
 projection (the hub's, and what ``save_pretrained`` writes by default: ``experts.{e}.gate_proj.weight``, or
 Mixtral's ``w1`` / ``w3`` / ``w2``), or the stacked tensors above (``save_original_format=False``).
 
-Low-bit experts (quantize on load, :meth:`FusedMoE.use_quantized`): the two parameters become stacked packed
-buffers, ``[E, bytes]`` uint8, row ``e`` expert ``e``'s gate_up ([2 I_r, H]) or down ([H, I_r]) in the layout of
-``quantization/layout.py``; each rank quantizes only its own slice, as it arrives through the same loader.
+Low-bit experts (:meth:`FusedMoE.use_quantized`): the two parameters become stacked packed buffers, ``[E, bytes]``
+uint8, row ``e`` expert ``e``'s gate_up ([2 I_r, H]) or down ([H, I_r]) in the layout of ``quantization/layout.py``.
+Float checkpoints are quantized on load, each rank only its own slice, as it arrives through the same loader.
+Pre-quantized checkpoints (compressed-tensors, GPTQ, AWQ) carry each expert's projections as that format's
+tensors (``experts.{e}.gate_proj.weight_packed``, ``.weight_scale``, ...): each is an :class:`ExpertTensor`,
+collected per :class:`ExpertPart` until the part is complete, then unpacked and sliced for this rank, as a dense
+layer's parts are. Stacked pre-quantized tensors are not a hub layout and are refused.
 """
 
 from __future__ import annotations
@@ -45,6 +49,20 @@ class ExpertPart:
 
     def __str__(self) -> str:
         return f"expert {self.expert} {self.proj}_proj"
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """One checkpoint tensor of an expert's part: ``suffix`` ``weight`` (float, or int-quantized's int8 codes) or
+    a format's ``weight_packed`` / ``weight_scale`` / ``qweight`` / ... ``module``: the checkpoint's name of the
+    part (``model.layers.0.mlp.experts.3.gate_proj``), which errors name. The loader counts it under ``part``."""
+
+    part: ExpertPart
+    suffix: str
+    module: str
+
+    def __str__(self) -> str:
+        return f"{self.module}.{self.suffix}"
 
 
 def route(router_logits: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +113,10 @@ class FusedMoE(nn.Module):
             param.parts_filled = self._parts_filled
 
     def _parts_filled(self, shard_id: Any) -> list[ExpertPart]:
+        # A part of a pre-quantized expert counts as seen with its first tensor; one left without all of its
+        # tensors is named by check_loaded (quantization/linear.py finish_loading).
+        if isinstance(shard_id, ExpertTensor):
+            return [shard_id.part]
         if isinstance(shard_id, ExpertPart):
             return [shard_id]
         projs = (GATE, UP) if shard_id == "gate_up" else (DOWN,)
@@ -104,19 +126,21 @@ class FusedMoE(nn.Module):
         self, name: str, config: Any, kernels: Any, usable_tp_sizes: list[int] | None = None,
         gate_up: bool = True, down: bool = True,
     ) -> None:  # fmt: skip
-        """Hold the experts' ``gate_up`` and / or ``down`` weights as low-bit codes (``config``: a quantize-on-load
+        """Hold the experts' ``gate_up`` and / or ``down`` weights as low-bit codes (``config``: a
         ``QuantizationConfig``), before anything is loaded: each float parameter is replaced by an ``[E, bytes]``
-        packed buffer that keeps its loader, so both checkpoint layouts arrive as before and are quantized one
-        expert at a time. Under TP the group size must divide this rank's slice of the intermediate (down's
-        input), or this raises naming the TP sizes that work."""
+        packed buffer that keeps its loader. Quantize on load: both float layouts arrive as before and are
+        quantized one expert at a time. A pre-quantized checkpoint (``config.tensor_format``): each expert's
+        tensors are unpacked into its row once all of them have arrived. Under TP the group size must divide
+        this rank's slice of the intermediate (down's input), or this raises naming the TP sizes that work."""
         from nanoserve.quantization.linear import QuantizedWeight
 
         E, H, i_r, tp = self.num_experts, self.hidden_size, self.intermediate_per_rank, self.tp.size
+        source = config.tensor_format
         if gate_up:
-            self.gate_up_quant = QuantizedWeight(f"{name}.gate_up_proj", "float", config.scheme, 2 * i_r, H, config, kernels)
+            self.gate_up_quant = QuantizedWeight(f"{name}.gate_up_proj", source, config.scheme, 2 * i_r, H, config, kernels)
         if down:
             self.down_quant = QuantizedWeight(
-                f"{name}.down_proj", "float", config.scheme, H, i_r, config, kernels, tp, 1, usable_tp_sizes
+                f"{name}.down_proj", source, config.scheme, H, i_r, config, kernels, tp, 1, usable_tp_sizes
             )
         for attr, quant in (("gate_up_proj", self.gate_up_quant), ("down_proj", self.down_quant)):
             if quant is None:
@@ -131,14 +155,21 @@ class FusedMoE(nn.Module):
 
     # ---- loading -------------------------------------------------------------------------------------------
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
-        """Copy this rank's slice of ``loaded`` into ``param``. ``shard_id``: an :class:`ExpertPart` for a
-        per-expert tensor ([I, H] gate or up, [H, I] down), or ``"gate_up"`` / ``"down"`` for a stacked one
-        ([E, 2 I, H] / [E, H, I])."""
+        """Copy this rank's slice of ``loaded`` into ``param``. ``shard_id``: an :class:`ExpertTensor` (or an
+        :class:`ExpertPart`, its float ``weight``) for a per-expert tensor ([I, H] gate or up, [H, I] down, or a
+        format's tensors of those), or ``"gate_up"`` / ``"down"`` for a stacked one ([E, 2 I, H] / [E, H, I])."""
         E, H, inter, i_r = self.num_experts, self.hidden_size, self.intermediate_size, self.intermediate_per_rank
         lo, hi = self.tp.rank * i_r, (self.tp.rank + 1) * i_r
         if (self.down_quant if param is self.down_proj else self.gate_up_quant) is not None:
             self._quantize_part(param, loaded, shard_id)
             return
+        if isinstance(shard_id, ExpertTensor):
+            if shard_id.suffix != "weight":
+                raise ValueError(
+                    f"{shard_id}: a low-bit tensor, but this model's experts hold float weights (the checkpoint's "
+                    "quantization_config does not cover them, or it has none)"
+                )
+            shard_id = shard_id.part
         if isinstance(shard_id, ExpertPart):
             e = shard_id.expert
             if not 0 <= e < E:
@@ -161,23 +192,40 @@ class FusedMoE(nn.Module):
             raise ValueError(f"unknown expert shard {shard_id!r}")
 
     def _quantize_part(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> None:
-        """The low-bit loader: this rank's rows (gate, up) or columns (down) of each expert, quantized into its
-        row of the packed ``param``. A stacked tensor is read one expert at a time."""
+        """The low-bit loader: this rank's rows (gate, up) or columns (down) of each expert, quantized (a float
+        checkpoint) or unpacked (a format's tensors, once all of a part's have arrived) into its row of the
+        packed ``param``. A stacked float tensor is read one expert at a time."""
         E, H, inter, i_r = self.num_experts, self.hidden_size, self.intermediate_size, self.intermediate_per_rank
         lo = self.tp.rank * i_r
         gate_up, down = self.gate_up_quant, self.down_quant
         # Regions in the dense layers' terms: gate and up split their rows (dst 0 and I_r), down its columns.
         rows = {GATE: ShardRegion(0, lo, i_r, 0, (inter, H)), UP: ShardRegion(0, lo, i_r, i_r, (inter, H))}
         cols = ShardRegion(1, lo, i_r, 0, (H, inter))
-        if isinstance(shard_id, ExpertPart):
-            e = shard_id.expert
+        if isinstance(shard_id, (ExpertPart, ExpertTensor)):
+            if isinstance(shard_id, ExpertPart):
+                part, suffix, module = shard_id, "weight", None
+            else:
+                part, suffix, module = shard_id.part, shard_id.suffix, shard_id.module
+            e = part.expert
             if not 0 <= e < E:
                 raise ValueError(f"expert {e} does not exist: the config has {E} experts")
-            if shard_id.proj == DOWN:
-                down.load(param.data[e], "weight", loaded, cols, shard_id)
-            else:
-                gate_up.load(param.data[e], "weight", loaded, rows[shard_id.proj], shard_id)
-        elif shard_id == "gate_up":
+            quant, region = (down, cols) if part.proj == DOWN else (gate_up, rows[part.proj])
+            if quant.source == "float" and suffix != "weight":
+                raise ValueError(
+                    f"{shard_id}: a low-bit tensor, but the checkpoint has no quantization_config for it (quantize "
+                    "on load reads float weights)"
+                )
+            # Pending tensors are keyed by the expert's part: all experts of the layer share one QuantizedWeight.
+            quant.load(param.data[e], suffix, loaded, region, part, module)
+            return
+        quant = gate_up if shard_id == "gate_up" else down
+        if shard_id in ("gate_up", "down") and quant.source != "float":
+            raise ValueError(
+                f"stacked expert tensor (experts.{shard_id}_proj) in a {quant.source} checkpoint: pre-quantized "
+                "experts are read one expert and projection at a time, as the hub stores them "
+                "(experts.{e}.gate_proj.weight_packed, ...); a stacked layout of them is not a hub format"
+            )
+        if shard_id == "gate_up":
             check_shape(loaded, (E, 2 * inter, H))
             for e in range(E):
                 full = loaded[e : e + 1][0]  # [2 I, H]: one expert read at a time

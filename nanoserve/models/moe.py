@@ -7,6 +7,10 @@ Checkpoint names of the experts map onto the stacked parameters ``mlp.experts.ga
     Qwen3-MoE  mlp.experts.{e}.gate_proj|up_proj|down_proj.weight           (per expert)
     Mixtral    block_sparse_moe.experts.{e}.w1|w3|w2.weight, block_sparse_moe.gate.weight
     both       mlp.experts.gate_up_proj [E, 2I, H], mlp.experts.down_proj [E, H, I]   (stacked)
+
+A pre-quantized checkpoint (llmcompressor's compressed-tensors, GPTQ, AWQ) replaces each per-expert ``weight``
+by its format's tensors (``mlp.experts.{e}.gate_proj.weight_packed``, ``.weight_scale``, ``.weight_shape``, ...);
+the router stays float (llmcompressor ignores ``re:.*mlp.gate$``, and nanoserve keeps it float anyway).
 """
 
 from __future__ import annotations
@@ -16,14 +20,21 @@ from typing import Any
 
 from torch import nn
 
-from nanoserve.layers.moe import DOWN, GATE, UP, ExpertPart, SparseMoeBlock
+from nanoserve.layers.moe import DOWN, GATE, UP, ExpertPart, ExpertTensor, SparseMoeBlock
 from nanoserve.models.decoder import BuildContext, DecoderFlags, DecoderForCausalLM
+from nanoserve.quantization.formats import SUFFIXES
 
+# The tensors of one expert's projection: a float ``weight``, or any format's (int-quantized's codes are its
+# ``weight``); which of them a checkpoint must have is its QuantizedWeight's to check.
+_EXPERT_SUFFIXES = sorted({"weight", *(s for required, optional in SUFFIXES.values() for s in required + optional)})
 _PER_EXPERT = re.compile(
-    r"^(?P<prefix>.*)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
-    r"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$"
+    r"^(?P<module>(?P<prefix>.*)\.(?:mlp|block_sparse_moe)\.experts\.(?P<expert>\d+)\."
+    rf"(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2))\.(?P<suffix>{'|'.join(_EXPERT_SUFFIXES)})$"
 )
-_STACKED = re.compile(r"^(?P<prefix>.*)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)$")
+_STACKED = re.compile(
+    r"^(?P<prefix>.*)\.(?:mlp|block_sparse_moe)\.experts\.(?P<proj>gate_up_proj|down_proj)"
+    rf"(?:\.(?P<suffix>{'|'.join(s for s in _EXPERT_SUFFIXES if s != 'weight')}))?$"
+)
 _PROJ = {"gate_proj": GATE, "w1": GATE, "up_proj": UP, "w3": UP, "down_proj": DOWN, "w2": DOWN}
 
 
@@ -36,17 +47,18 @@ class MoeForCausalLM(DecoderForCausalLM):
 
     @classmethod
     def check_quantization(cls, quantization: Any) -> None:
-        if quantization is not None and not quantization.on_load:
-            # A format's packed experts (per-expert qweight / scales, or fused expert tensors) need their own
-            # unpacking into the stacked buffers; only float checkpoints quantized on load reach the experts.
+        if quantization is not None and quantization.desc_act:
+            # Each expert has its own act-order column order, and all experts of a layer share one
+            # QuantizedWeight (one permutation of the input).
             raise ValueError(
-                f"{quantization.method} checkpoints are not supported for {cls.__name__}: pre-quantized "
-                "mixture-of-experts weights cannot be loaded; use the float checkpoint with quantization='int8' "
-                "or 'int4' (quantized on load)"
+                f"act-order (desc_act) GPTQ checkpoints are not supported for {cls.__name__}: every expert permutes "
+                "its input columns its own way; use a GPTQ checkpoint without desc_act, or another format"
             )
 
-    # The checkpoint's names of an expert's gate, up and down projections (quantization_skip matches them).
+    # The checkpoint's names of an expert's gate, up and down projections (quantization_skip matches them), and of
+    # the module holding the experts and router (``model.layers.{i}.<block>.experts.{e}.<projection>``).
     expert_projection_names = ("gate_proj", "up_proj", "down_proj")
+    expert_block_name = "mlp"
 
     # Mixtral scales expert outputs by float32 routing weights; Qwen3-MoE rounds the weights to the activations'
     # dtype first (see FusedMoE; the same in float32).
@@ -75,8 +87,14 @@ class MoeForCausalLM(DecoderForCausalLM):
         """(our parameter, shard id) of an expert or router tensor ``name``; None for every other tensor."""
         if m := _PER_EXPERT.match(name):
             param = "down_proj" if _PROJ[m["proj"]] == DOWN else "gate_up_proj"
-            return f"{m['prefix']}.mlp.experts.{param}", ExpertPart(int(m["expert"]), _PROJ[m["proj"]])
+            part = ExpertPart(int(m["expert"]), _PROJ[m["proj"]])
+            return f"{m['prefix']}.mlp.experts.{param}", ExpertTensor(part, m["suffix"], m["module"])
         if m := _STACKED.match(name):
+            if m["suffix"] is not None:
+                raise ValueError(
+                    f"{name}: stacked low-bit expert tensors are not a hub layout (llmcompressor, GPTQ and AWQ write "
+                    "one set per expert and projection: experts.{e}.gate_proj.weight_packed, ...)"
+                )
             return f"{m['prefix']}.mlp.experts.{m['proj']}", "gate_up" if m["proj"] == "gate_up_proj" else "down"
         if ".block_sparse_moe.gate." in name:  # Mixtral's router, named as transformers 5 renames it
             return name.replace(".block_sparse_moe.", ".mlp."), None
@@ -112,6 +130,7 @@ class MixtralForCausalLM(MoeForCausalLM):
 
     float32_routing_weights = True
     expert_projection_names = ("w1", "w3", "w2")
+    expert_block_name = "block_sparse_moe"
 
     @classmethod
     def moe_settings(cls, hf_config: Any) -> tuple[int, int, int, bool]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +89,14 @@ class QuantizationConfig:
 
 def module_skipped(patterns: tuple[str, ...], names: list[str]) -> bool:
     """Whether any of a module's names (ours, e.g. ``model.layers.0.self_attn.qkv_proj``, and the checkpoint's
-    parts, ``...q_proj``) matches a pattern: a glob (``*.down_proj``), or a plain name matching a whole
-    dotted component or suffix (``lm_head``, ``down_proj``, ``layers.0.mlp``)."""
+    parts, ``...q_proj``) matches a pattern: a glob (``*.down_proj``), a plain name matching a whole
+    dotted component or suffix (``lm_head``, ``down_proj``, ``layers.0.mlp``), or compressed-tensors' ``re:``
+    regex, matched from the start of the name (llmcompressor ignores MoE routers as ``re:.*mlp.gate$``)."""
     for pattern in patterns:
+        if pattern.startswith("re:"):
+            if any(re.match(pattern[3:], name) for name in names):
+                return True
+            continue
         for name in names:
             if fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern):
                 return True

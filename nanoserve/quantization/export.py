@@ -52,7 +52,7 @@ def _expert_tensors(name: str, module: FusedMoE, model: Any) -> dict[str, torch.
     gate_up, down = module.dequantized()  # [E, 2 I, H], [E, H, I] (one rank: whole)
     i = module.intermediate_size
     gate, up, down_name = model.expert_projection_names
-    prefix = name.rsplit(".mlp.experts", 1)[0] + (".block_sparse_moe.experts" if gate == "w1" else ".mlp.experts")
+    prefix = name.rsplit(".mlp.experts", 1)[0] + f".{model.expert_block_name}.experts"
     out = {}
     for e in range(module.num_experts):
         out[f"{prefix}.{e}.{gate}.weight"] = gate_up[e, :i].contiguous()

@@ -22,6 +22,7 @@ Bits within a word fill from the least significant end, value i at bits [i*b, (i
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -51,9 +52,16 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int, order: 
     """Values of ``bits`` bits packed into int32 words along ``dim`` -> int16 tensor with ``length`` values
     along that dim. ``order[i]``: which value of a word's group sits in its i-th field (AWQ's interleave)."""
     per_word = 32 // bits
-    words = packed.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per_word, dtype=torch.int64) * bits
-    fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per_word]
+    if bits in (4, 8) and sys.byteorder == "little":
+        # Fields that fill whole bytes: a word's bytes, low first, hold its values in order (two per byte at 4
+        # bits, low nibble first). Read in uint8: a fifth of the time of widening every word to int64.
+        raw = packed.movedim(dim, -1).contiguous().view(torch.uint8)  # [..., words * 4]
+        fields = torch.stack((raw & 15, raw >> 4), dim=-1) if bits == 4 else raw
+        fields = fields.reshape(*raw.shape[:-1], -1, per_word)  # [..., words, per_word]
+    else:
+        words = packed.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+        shifts = torch.arange(per_word, dtype=torch.int64) * bits
+        fields = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [..., words, per_word]
     if order is not None:
         fields = fields[..., torch.argsort(torch.tensor(order))]
     values = fields.flatten(-2)

@@ -162,8 +162,11 @@ class QuantizedWeight:
         return codes[:, perm]
 
     def check_loaded(self) -> None:
+        """Raise naming every part some of whose tensors arrived but not all (by its checkpoint name)."""
         if self._pending:
-            parts = ", ".join(f"{self.name} part {k!r}: has {sorted(v)}" for k, v in self._pending.items())
+            parts = ", ".join(
+                f"{self._names.get(k, self.name)} (part {k}): has {', '.join(sorted(v))}" for k, v in self._pending.items()
+            )  # fmt: skip
             raise ValueError(f"incomplete quantized tensors ({parts}); need {', '.join(self.suffixes[0])}")
 
     # ---- compute -------------------------------------------------------------------------------------
@@ -223,7 +226,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig, kernels: Any, h
     usable = usable_tensor_parallel_sizes(hf_config) if hf_config is not None else None
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, FusedMoE) and config.on_load:
+        if isinstance(module, FusedMoE):
             count += _quantize_experts(model, name, module, config, kernels, usable)
         elif isinstance(module, LinearBase) and not getattr(module, "keep_float", False):  # routers stay float
             names = _module_names(name, packed)
@@ -254,7 +257,14 @@ def _quantize_experts(
 ) -> int:
     """Switch the experts' gate_up and down to low-bit unless ``quantization_skip`` names them: the layer
     (``mlp.experts``, ``mlp``), or a projection by our name or the checkpoint's (``down_proj``; Mixtral's ``w2``).
-    gate and up share one buffer, so they are skipped together or not at all. Returns how many it switched."""
+    gate and up share one buffer, so they are skipped together or not at all. Returns how many it switched.
+    A pre-quantized checkpoint's experts are low-bit unless its ignore list names them (see
+    :func:`_experts_ignored`)."""
+    if not config.on_load:
+        gate_up, down = _experts_ignored(model, name, module, config.checkpoint_ignore)
+        if not (gate_up and down):
+            module.use_quantized(name, config, kernels, usable, gate_up=not gate_up, down=not down)
+        return int(not gate_up) + int(not down)
     gate, up, down = getattr(model, "expert_projection_names", ("gate_proj", "up_proj", "down_proj"))
     if module_skipped(config.skip, [name]):
         return 0
@@ -263,6 +273,33 @@ def _quantize_experts(
     if gate_up or down:
         module.use_quantized(name, config, kernels, usable, gate_up=gate_up, down=down)
     return int(gate_up) + int(down)
+
+
+def _experts_ignored(model: nn.Module, name: str, module: FusedMoE, ignore: tuple[str, ...]) -> tuple[bool, bool]:
+    """(gate_up, down) of experts layer ``name`` kept in float by a checkpoint's ignore list, which names modules
+    as the checkpoint does: one per expert and projection (``model.layers.0.mlp.experts.3.gate_proj``; Mixtral's
+    ``block_sparse_moe.experts.3.w1``), or the whole layer. The experts of a layer share one stacked buffer, so
+    the list must name all of a layer's gate and up (or down) projections or none of them."""
+    if not ignore:
+        return False, False
+    gate, up, down = getattr(model, "expert_projection_names", ("gate_proj", "up_proj", "down_proj"))
+    layer = name.rsplit(".mlp.experts", 1)[0] + f".{getattr(model, 'expert_block_name', 'mlp')}.experts"
+    if module_skipped(ignore, [name, layer]):
+        return True, True
+    experts = range(module.num_experts)
+    result = []
+    for projs in ((gate, up), (down,)):
+        names = [f"{layer}.{e}.{p}" for e in experts for p in projs]
+        hits = [module_skipped(ignore, [n]) for n in names]
+        if any(hits) and not all(hits):
+            named = [n for n, hit in zip(names, hits) if hit]
+            raise ValueError(
+                f"the checkpoint's ignore list keeps only some of the expert projections of {layer} in float "
+                f"({', '.join(named[:4])}{', ...' if len(named) > 4 else ''}); nanoserve holds a layer's "
+                f"{'/'.join(projs)} of all experts in one stacked buffer: all of them low-bit or none"
+            )
+        result.append(all(hits))
+    return result[0], result[1]
 
 
 def _embedding_at_stored_size(model: nn.Module, config: QuantizationConfig, hf_config: Any) -> None:
@@ -301,6 +338,10 @@ def finish_loading(model: nn.Module) -> None:
             quant.check_loaded()
             if isinstance(module, ParallelLMHead):
                 module.finish_loading()
+        elif isinstance(module, FusedMoE):  # pre-quantized experts: a part left without one of its tensors
+            for quant in (module.gate_up_quant, module.down_quant):
+                if quant is not None:
+                    quant.check_loaded()
 
 
 def dequantized_state(model: nn.Module) -> dict[str, torch.Tensor]:

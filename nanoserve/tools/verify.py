@@ -22,8 +22,9 @@ another order); anything else is a real divergence. The default tolerance depend
 Low-bit weights: for a compressed-tensors checkpoint the reference is transformers loading that same checkpoint
 (it decompresses through the compressed-tensors package; a W8A8 ``int-quantized`` one run with
 ``--quantization-activations fp32`` is compared against the same tensors with the config's activation
-quantization removed); for GPTQ / AWQ, which transformers runs only through gptqmodel / autoawq kernels, it is
-the dequantized float32 model (``quantization.export``), and the report says so. For quantize-on-load
+quantization removed); for GPTQ / AWQ, which transformers runs only through gptqmodel / autoawq kernels, and for
+asymmetric compressed-tensors experts, which transformers 5 cannot load, it is the dequantized float32 model
+(``quantization.export``), and the report says so. For quantize-on-load
 (``--quantization int8|int4``) the reference is the float32 checkpoint; there and with int8 activations (a W8A8
 checkpoint's default: transformers rounds them its own way) agreement is a *quality figure* (matching tokens,
 max ``|Δ logprob|``), not a pass/fail.
@@ -503,7 +504,11 @@ def run_verify(
         token_prompts.append(ids[:room])
 
     with tempfile.TemporaryDirectory(prefix="nanoserve-verify-") as scratch:
-        ref_path, load_options, kind, mode = _reference_for(path, config.quantization, Path(scratch))
+        from nanoserve.models.moe import MoeForCausalLM
+        from nanoserve.models.registry import resolve_architecture
+
+        experts = issubclass(resolve_architecture(config.hf_config), MoeForCausalLM)
+        ref_path, load_options, kind, mode = _reference_for(path, config.quantization, Path(scratch), experts)
         reference = run_reference(ref_path, token_prompts, max_tokens, config.device, progress, load_options)
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
@@ -538,8 +543,11 @@ def run_verify(
     return report
 
 
-def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str, Any], str | None, str]:
-    """(checkpoint the reference loads, its from_pretrained options, what it is, "exact" or "quality")."""
+def _reference_for(
+    path: str, quant: Any, scratch: Path, experts: bool = False
+) -> tuple[str, dict[str, Any], str | None, str]:
+    """(checkpoint the reference loads, its from_pretrained options, what it is, "exact" or "quality").
+    ``experts``: the model is a mixture of experts."""
     if quant is None:
         return path, {}, None, "exact"
     mode = "quality" if quant.on_load or quant.activations == "int8" else "exact"
@@ -547,7 +555,10 @@ def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str,
         return path, {}, "the float32 checkpoint (quantize-on-load: agreement is a quality figure)", mode
     if quant.tensor_format == "int-quantized":
         return _int_quantized_reference(path, quant, scratch, mode)
-    if quant.method == "compressed-tensors":
+    # transformers 5 fuses per-expert tensors into stacked experts at load, and that conversion drops an
+    # asymmetric scheme's zero points ("Asymmetric quant requires zero-point values"; transformers 5.24 with
+    # compressed-tensors 0.20.1): such a checkpoint is checked against nanoserve's widening, as GPTQ is.
+    if quant.method == "compressed-tensors" and not (experts and quant.scheme.asymmetric):
         from transformers import CompressedTensorsConfig
 
         # Asymmetric zero points are packed along the outputs, which transformers' default compressed path
@@ -557,9 +568,12 @@ def _reference_for(path: str, quant: Any, scratch: Path) -> tuple[str, dict[str,
     from nanoserve.quantization.export import write_dequantized_checkpoint
 
     widened = write_dequantized_checkpoint(path, scratch / "dequantized", quant)
+    why = (
+        "transformers cannot load asymmetric experts" if quant.method == "compressed-tensors"
+        else "transformers runs it only through gptqmodel / autoawq kernels"
+    )  # fmt: skip
     return str(widened), {}, (
-        f"the dequantized float32 model ({quant.method}: transformers runs it only through gptqmodel / autoawq "
-        "kernels, so nanoserve's own unpacking is the reference here)"
+        f"the dequantized float32 model ({quant.method}: {why}, so nanoserve's own unpacking is the reference here)"
     ), mode
 
 

@@ -4,7 +4,8 @@ The checkpoints (``DEFAULT_ARCH_CONFIGS``) cover top-2 and top-3 of 8 experts, `
 false, dense and sparse layers mixed (``mlp_only_layers``; ``decoder_sparse_step=2``), and both checkpoint
 layouts (one tensor per expert; stacked). ``test_parity.py``'s every-architecture test runs them with mixed
 prompt lengths too. Bad input (top-k above the expert count, a TP size that does not split the experts, a
-missing expert tensor, a pre-quantized checkpoint) fails with an error naming it.
+missing expert tensor, act-order GPTQ experts) fails with an error naming it; pre-quantized experts that load are
+``test_moe_prequantized.py``'s.
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from tests.model.test_parity import (
     bytes_per_block,
     traced_llm,
 )
-from tests.quant_packers import compressed_tensors_quantization_config
 
 MOE_NAMES = ["qwen3-moe", "qwen3-moe-step2-stacked", "mixtral"]
 # transformers' rule: sparse unless in mlp_only_layers, then every decoder_sparse_step-th layer.
@@ -217,25 +217,14 @@ def test_a_tp_size_that_does_not_split_the_experts(
         EngineConfig.create(str(path), tensor_parallel_size=tp)
 
 
-@pytest.mark.parametrize(
-    "name, qc, message",
-    [
-        ("qwen3-moe", {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": True},
-         "gptq checkpoints are not supported for Qwen3MoeForCausalLM: pre-quantized mixture-of-experts weights"),
-        ("mixtral", {"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"},
-         "awq checkpoints are not supported for MixtralForCausalLM: pre-quantized mixture-of-experts weights"),
-        ("qwen3-moe", compressed_tensors_quantization_config(4, 32, True, ["lm_head"]),
-         "compressed-tensors checkpoints are not supported for Qwen3MoeForCausalLM: pre-quantized"),
-    ],
-    ids=["gptq", "awq", "compressed-tensors"],
-)  # fmt: skip
-def test_pre_quantized_experts_are_refused(
-    name: str, qc: dict[str, Any], message: str, checkpoint: CheckpointCache, tmp_path: pathlib.Path
-) -> None:
-    """A GPTQ / AWQ MoE checkpoint is refused while the options are checked (before any worker starts), naming
-    the format and the model class; quantize-on-load experts are tests/model/test_moe_quantized.py's."""
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral"])
+def test_act_order_gptq_experts_are_refused(name: str, checkpoint: CheckpointCache, tmp_path: pathlib.Path) -> None:
+    """Every expert permutes its input its own way, and a layer's experts share one packed weight: refused while
+    the options are checked, before any worker starts (other pre-quantized experts load: test_moe_prequantized.py)."""
+    qc = {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": True, "sym": True}
     path = patched_copy(checkpoint(name), tmp_path / "m", quantization_config=qc)
-    with pytest.raises(ValueError, match=message):
+    cls = {"qwen3-moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[name]
+    with pytest.raises(ValueError, match=rf"act-order \(desc_act\) GPTQ checkpoints are not supported for {cls}"):
         EngineConfig.create(str(path))
 
 

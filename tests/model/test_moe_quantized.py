@@ -7,7 +7,7 @@
   slab-GEMM path), unchosen experts poisoned, int8 activations.
 * Loading: per-expert and stacked checkpoints give identical packed buffers; each TP rank's buffers hold
   exactly its slice of TP 1's weights; the router stays float; skip patterns; ``plan``'s packed sizes.
-* Bad input: a group size that cuts a rank's expert slice, and a pre-quantized MoE checkpoint.
+* Bad input: a group size that cuts a rank's expert slice. (Pre-quantized experts: ``test_moe_prequantized.py``.)
 """
 
 from __future__ import annotations

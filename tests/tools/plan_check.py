@@ -23,7 +23,11 @@ def plan_beside_real_ranks(path: str, tp: int) -> tuple[Any, EngineConfig, list[
     hf = config.hf_config
     ranks = []
     for rank in range(tp):
-        ctx = BuildContext(torch.float32, TPGroup(rank=rank, size=tp), "torch_sdpa", config.max_model_len)
+        # With the checkpoint's own quantization (a pre-quantized one), as the runner builds it.
+        ctx = BuildContext(
+            torch.float32, TPGroup(rank=rank, size=tp), "torch_sdpa", config.max_model_len,
+            quantization=config.quantization,
+        )  # fmt: skip
         real = resolve_architecture(hf)(hf, ctx)
         r = plan.ranks[rank]
         assert r.weight_bytes == sum(p.numel() * p.element_size() for p in real.parameters()) == r.weights.total
