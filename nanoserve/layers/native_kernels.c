@@ -211,17 +211,6 @@ static inline __attribute__((always_inline)) v8 kv_load8(const void *cache, int6
     return half ? load8h((const uint16_t *)cache + i) : load8((const float *)cache + i);
 }
 
-/* A token's heads sit side by side in the cache, so one head's keys (or values) are Dh values every Hkv * Dh:
-   at Qwen3-0.6B's shape (float32) a fresh 4 KiB page per token, and the hardware prefetchers stop at page
-   boundaries. Decode attention asks for the n rows it reads next explicitly, a cache line at a time. */
-static inline __attribute__((always_inline)) void prefetch_rows(const void *cache, int64_t i, int64_t n, int64_t stride,
-                                                                int64_t Dh, int half) {
-    const int64_t size = half ? 2 : 4;
-    const char *p = (const char *)cache + i * size;
-    for (int64_t j = 0; j < n; j++)
-        for (int64_t c = 0; c < Dh * size; c += 64) __builtin_prefetch(p + j * stride * size + c, 0, 3);
-}
-
 /* Decode attention over a paged cache: out[d] = softmax(scale * q[d] K_d^T) V_d.
    q:                [D, Hq, Dh], rows q_stride floats apart; Dh % 8 == 0
    out:              [D, Hq, Dh] contiguous
@@ -272,11 +261,6 @@ static inline __attribute__((always_inline)) void paged_decode_attention(
                         int64_t j = 0;
                         for (; j + 8 <= n; j += 8) {
                             const int64_t k = kb + j * token_stride + h * Dh;
-                            if (g == 0) {  /* this head's next eight keys, here or in the next block */
-                                if (j + 16 <= n) prefetch_rows(k_cache, k + 8 * token_stride, 8, token_stride, Dh, half);
-                                else if (b + 1 < nblk)
-                                    prefetch_rows(k_cache, table[b + 1] * block_stride + (h0 + h) * Dh, 8, token_stride, Dh, half);
-                            }
                             v8 acc[8] = {{0}};
                             for (int64_t c = 0; c < Dh; c += 8) {
                                 const v8 qc = load8(qr + c);
@@ -329,12 +313,6 @@ static inline __attribute__((always_inline)) void paged_decode_attention(
                             for (int64_t j = 0; j < n; j++) {
                                 const float pt = p[b * B + j];
                                 const int64_t v = vb + j * token_stride;
-                                if (c0 == 0 && g == 0) {  /* the first pass over this head's values: eight rows ahead */
-                                    if (j + 8 < n) prefetch_rows(v_cache, v + 8 * token_stride, 1, token_stride, Dh, half);
-                                    else if (b + 1 < nblk)
-                                        prefetch_rows(v_cache, table[b + 1] * block_stride + (h0 + h) * Dh + (j + 8 - n) * token_stride,
-                                                      1, token_stride, Dh, half);
-                                }
                                 for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
                             }
                         }
