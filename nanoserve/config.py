@@ -55,6 +55,27 @@ def parse_memory(value: int | float | str, name: str = "kv_cache_memory") -> int
     return n
 
 
+KV_CACHE_DTYPES = ("auto", "float16")
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str | torch.dtype, dtype: torch.dtype, device: str) -> torch.dtype:
+    """The KV cache's element type: "auto" is the model's ``dtype``; "float16" (also "fp16", "half", as
+    llama.cpp's default cache) halves a float32 model's cache on CPU, where the attention kernels widen it to
+    float32 as they read (the values are rounded once, when stored)."""
+    name = str(kv_cache_dtype).removeprefix("torch.")
+    name = {"fp16": "float16", "half": "float16"}.get(name, name)
+    if name == "auto" or _DTYPES.get(name) == dtype:
+        return dtype
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype: unsupported {kv_cache_dtype!r}; choose one of {', '.join(KV_CACHE_DTYPES)}")
+    if device != "cpu" or dtype != torch.float32:
+        raise ValueError(
+            f"kv_cache_dtype float16 applies to float32 models on the CPU (its kernels are CPU kernels); got "
+            f"device={device!r}, dtype={dtype}: use kv_cache_dtype='auto'"
+        )
+    return torch.float16
+
+
 def resolve_dtype(dtype: str | torch.dtype, checkpoint_dtype: torch.dtype | None, device: str) -> torch.dtype:
     """'auto' is float32 on CPU (fast GEMMs without native bf16, exact parity with the fp32 reference) and the
     checkpoint's half type on CUDA (bfloat16 when the checkpoint is fp32)."""
@@ -80,6 +101,9 @@ class EngineConfig:
     hf_config: Any = field(repr=False, compare=False)
     tensor_parallel_size: int = 1
     dtype: torch.dtype = torch.float32
+    # What the KV cache stores: the model's dtype ("auto"), or float16 on CPU (half the bytes; see
+    # resolve_kv_cache_dtype). Every rank, the plan and the block count use it.
+    kv_cache_dtype: torch.dtype = torch.float32
     device: str = "cpu"
     max_model_len: int = 2048  # the most the engine may serve; the KV cache may fit less (see KVCacheInfo)
     # True when the user gave max_model_len: then a KV cache too small for it refuses to start. False when it
@@ -109,6 +133,7 @@ class EngineConfig:
         tensor_parallel_size: int = 1,
         dtype: str | torch.dtype = "auto",
         device: str = "auto",
+        kv_cache_dtype: str | torch.dtype = "auto",
         max_model_len: int | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int | None = None,
@@ -146,6 +171,7 @@ class EngineConfig:
         if isinstance(checkpoint_dtype, str):
             checkpoint_dtype = _DTYPES.get(checkpoint_dtype)
         torch_dtype = resolve_dtype(dtype, checkpoint_dtype, device)
+        cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, device)
         from nanoserve.quantization.config import resolve as resolve_quantization
 
         quant = resolve_quantization(
@@ -185,6 +211,7 @@ class EngineConfig:
             hf_config=hf_config,
             tensor_parallel_size=tensor_parallel_size,
             dtype=torch_dtype,
+            kv_cache_dtype=cache_dtype,
             device=device,
             max_model_len=max_model_len,
             max_model_len_explicit=max_model_len_explicit,

@@ -14,6 +14,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="number of ranks to split the model over")
     g.add_argument("--dtype", default="auto", help="auto (float32 on CPU, half on CUDA) | float32 | bfloat16 | float16")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    g.add_argument("--kv-cache-dtype", default="auto", metavar="auto|float16",
+                   help="what the KV cache stores: auto = the model's dtype; float16 = half the bytes of a float32 "
+                        "model's cache on CPU (twice the tokens per budget, less to read per decode step; values "
+                        "rounded once when stored, so greedy output may differ from float32)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (prompt + output); default: the model's")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")
@@ -52,6 +56,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         tensor_parallel_size=args.tensor_parallel_size,
         dtype=args.dtype,
         device=args.device,
+        kv_cache_dtype=args.kv_cache_dtype,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -23,6 +23,7 @@ class LLM:
     Options (all validated): ``tensor_parallel_size``, ``dtype`` ("auto" = float32 on CPU), ``device``
     ("auto" | "cpu" | "cuda"), ``max_model_len``, ``max_num_seqs``, ``max_num_batched_tokens``,
     ``enable_chunked_prefill``, ``block_size``, ``kv_cache_memory`` (per rank: bytes or "2GiB"),
+    ``kv_cache_dtype`` ("auto" = the model's dtype, or "float16" on CPU: half the cache bytes),
     ``gpu_memory_utilization`` (CUDA), ``enable_prefix_caching``, ``seed``.
     """
 

@@ -73,8 +73,9 @@ def get_backend(name: str) -> AttentionBackend:
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> None:
     """Write this step's new keys and values into their slots."""
     _, _, _, num_kv_heads, head_dim = kv_cache.shape
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    # A float16 cache (kv_cache_dtype) holds the values rounded to nearest, as the C store kernel writes them.
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(kv_cache.dtype))
 
 
 def _softcapped_attention(
@@ -114,8 +115,8 @@ def _decode_sdpa(
     [D, Hkv, L, Dh] copy and masks the tail (and what lies before a sliding window)."""
     block_size = kv_cache.shape[2]
     tables = meta.decode_block_tables[:, : -(-meta.decode_max_context // block_size)]
-    keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2)  # [D, Hkv, L, Dh]
-    values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2)
+    keys = kv_cache[0][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)  # [D, Hkv, L, Dh]
+    values = kv_cache[1][tables].flatten(1, 2).transpose(1, 2).to(q.dtype)
     positions = torch.arange(keys.shape[2], device=q.device)
     visible = positions[None, :] < meta.decode_context_lens[:, None]  # [D, L]
     if window:
@@ -146,8 +147,8 @@ def _prefill_sdpa(
             first = max(0, ctx_len - q_len - window + 1) if windowed else 0
             first -= first % kv_cache.shape[2]  # whole blocks
             blocks = table[first // kv_cache.shape[2] :]
-            ks = kv_cache[0][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, Dh]
-            vs = kv_cache[1][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)
+            ks = kv_cache[0][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, n, Dh]
+            vs = kv_cache[1][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0).to(q.dtype)
             # Query i sits at position ctx_len - q_len + i and sees keys up to and including it (and, with a
             # window W, after position - W).
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]
@@ -185,7 +186,7 @@ def cpu_native_attention(
     block tables instead of gathering a padded copy of every context (falls back to ``torch_sdpa`` where the
     kernel is unavailable or does not apply)."""
     lib = native.load()
-    if lib is None or q.dtype != torch.float32 or kv_cache.dtype != q.dtype or q.shape[-1] % 8 or not q.is_cpu:
+    if q.dtype != torch.float32 or not native.kv_cache_supported(lib, kv_cache) or q.shape[-1] % 8 or not q.is_cpu:
         return torch_sdpa_attention(q, k, v, kv_cache, meta, scale, kv_written, window, softcap)
     if not kv_written:
         store_kv(k, v, kv_cache, meta)

@@ -21,11 +21,19 @@ void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t H
                             int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
                             const float *q_w, const float *k_w, float eps,
                             const int64_t *slots, float *k_cache, float *v_cache);
+void qk_norm_rope_store_f16kv(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                              int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
+                              const float *q_w, const float *k_w, float eps,
+                              const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache);
 void silu_mul_f32(const float *gu, int64_t T, int64_t I, float *out);
 void paged_decode_attention_f32(const float *q, int64_t q_stride, const float *k_cache, const float *v_cache,
                                 const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
                                 int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t B, float scale,
                                 int64_t window, float softcap, float *out);
+void paged_decode_attention_f16kv(const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache,
+                                  const int64_t *block_tables, int64_t table_stride, const int64_t *context_lens,
+                                  int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t B, float scale,
+                                  int64_t window, float softcap, float *out);
 void packed_gemv_f32(const float *w, int64_t N, int64_t K, int64_t Kp, int64_t B, const float *x, int64_t M,
                      int64_t x_stride, const float *bias, float *y);
 void q_linear_f32(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
@@ -48,7 +56,7 @@ typedef struct {
     dk_linear qkv, o, gate_up, down;
     const float *input_norm, *post_norm;
     const float *q_norm, *k_norm;  /* NULL: no per-head q/k norm */
-    float *k_cache, *v_cache;      /* [num_blocks, block_size, Hkv, D] each */
+    void *k_cache, *v_cache;       /* [num_blocks, block_size, Hkv, D] each, float32 or float16 (kv_half) */
     int64_t window;                /* sliding-window attention over the last `window` tokens; 0: all */
 } dk_layer;
 
@@ -58,6 +66,7 @@ typedef struct {
     const float *cos_table, *sin_table;  /* [max_position, rotary_dim] */
     const dk_layer *layers;
     int64_t rotary_dim;                  /* the first rotary_dim dims of each head rotate (head_dim: all) */
+    int64_t kv_half;                     /* 1: the caches hold float16 (kv_cache_dtype float16) */
 } dk_model;
 
 static void dk_project(const dk_linear *l, const float *x, int64_t T, float *y) {
@@ -93,11 +102,18 @@ int decoder_decode_step_f32(const dk_model *m, float *x, float *residual, int64_
             add_rms_norm_f32(x, H, residual, l->input_norm, m->eps, T, H, h);
         }
         dk_project(&l->qkv, h, T, qkv);
-        qk_norm_rope_store_f32(qkv, qkv_size, T, Hq, Hkv, D, m->rotary_dim, m->cos_table, m->sin_table, positions, l->q_norm,
-                               l->k_norm, m->qk_eps, slots, l->k_cache, l->v_cache);
         /* softcap 0: models with attention soft-capping (Gemma 2) never get here (see native_decode.py) */
-        paged_decode_attention_f32(qkv, qkv_size, l->k_cache, l->v_cache, block_tables, table_stride, context_lens,
-                                   T, Hq, Hkv, D, m->block_size, m->scale, l->window, 0.0f, attn);
+        if (m->kv_half) {
+            qk_norm_rope_store_f16kv(qkv, qkv_size, T, Hq, Hkv, D, m->rotary_dim, m->cos_table, m->sin_table, positions,
+                                     l->q_norm, l->k_norm, m->qk_eps, slots, l->k_cache, l->v_cache);
+            paged_decode_attention_f16kv(qkv, qkv_size, l->k_cache, l->v_cache, block_tables, table_stride, context_lens,
+                                         T, Hq, Hkv, D, m->block_size, m->scale, l->window, 0.0f, attn);
+        } else {
+            qk_norm_rope_store_f32(qkv, qkv_size, T, Hq, Hkv, D, m->rotary_dim, m->cos_table, m->sin_table, positions,
+                                   l->q_norm, l->k_norm, m->qk_eps, slots, l->k_cache, l->v_cache);
+            paged_decode_attention_f32(qkv, qkv_size, l->k_cache, l->v_cache, block_tables, table_stride, context_lens,
+                                       T, Hq, Hkv, D, m->block_size, m->scale, l->window, 0.0f, attn);
+        }
         dk_project(&l->o, attn, T, x);
         add_rms_norm_f32(x, H, residual, l->post_norm, m->eps, T, H, h);
         dk_project(&l->gate_up, h, T, gate_up);

@@ -56,12 +56,13 @@ def _arch_flags() -> list[str]:
         # AVX-VNNI (the VEX form of the int8 dot product) speeds up the int8-activation kernels where present.
         flags = _cpu_flags()
         vnni = ["-mavxvnni"] if "avx_vnni" in flags else []
+        f16c = ["-mf16c"] if "f16c" in flags else []  # half <-> float conversions: the float16 KV cache
         if caps == "AVX512":
             # 512-bit forms of the low-bit kernels (byte ops and VNNI dot products) where the CPU has them.
             extra = [f"-m{name}" for name in ("avx512bw", "avx512vl", "avx512dq") if name in flags]
             vnni += ["-mavx512vnni"] if "avx512_vnni" in flags and "-mavx512bw" in extra else []
-            return ["-mavx2", "-mfma", "-mavx512f", *extra, *vnni]
-        return ["-mavx2", "-mfma", *vnni]
+            return ["-mavx2", "-mfma", "-mavx512f", *f16c, *extra, *vnni]
+        return ["-mavx2", "-mfma", *f16c, *vnni]
     return []
 
 
@@ -130,6 +131,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "silu_mul_f32": [ptr, i64, i64, ptr],
         "apply_token_bitmask_f32": [ptr, i64, ptr, i64, ptr, i64, i64],
         "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr],
+        "paged_decode_attention_f16kv": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr],
+        "qk_norm_rope_store_f16kv": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
         "packed_gemv_f32": [ptr, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
         "q_linear_f32": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
         "q_linear_i8": [ptr, i64, i64, i64, i64, i64, ptr, i64, i64, ptr, ptr],
@@ -139,6 +142,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         fn = getattr(lib, name)
         fn.argtypes = argtypes
         fn.restype = None
+    lib.kv_half_supported.argtypes = []
+    lib.kv_half_supported.restype = i64
+    lib.kv_half = bool(lib.kv_half_supported())  # read once: kv_cache_supported asks every layer, every step
 
 
 def kernels_for(dtype: torch.dtype, device: torch.device | str) -> ctypes.CDLL | None:
@@ -147,6 +153,14 @@ def kernels_for(dtype: torch.dtype, device: torch.device | str) -> ctypes.CDLL |
     if dtype != torch.float32 or torch.device(device).type != "cpu" or not enabled():
         return None
     return load()
+
+
+def kv_cache_supported(lib: ctypes.CDLL | None, kv_cache: torch.Tensor) -> bool:
+    """Whether the kernels read and write this KV cache: float32, or float16 where the library was built with
+    the CPU's half-precision conversions (F16C; every AVX2 CPU has them)."""
+    if lib is None or kv_cache.device.type != "cpu":
+        return False
+    return kv_cache.dtype == torch.float32 or (kv_cache.dtype == torch.float16 and lib.kv_half)
 
 
 def enabled() -> bool:
@@ -203,7 +217,8 @@ def qk_norm_rope_store(
     t = qkv.shape[0]
     assert qkv.stride(1) == 1 and cos_table.is_contiguous() and positions.dtype == torch.int64
     half = kv_cache[0].numel() * kv_cache.element_size()
-    lib.qk_norm_rope_store_f32(
+    fn = lib.qk_norm_rope_store_f16kv if kv_cache.dtype == torch.float16 else lib.qk_norm_rope_store_f32
+    fn(
         qkv.data_ptr(), qkv.stride(0), t, num_heads, num_kv_heads, head_dim, cos_table.shape[1], cos_table.data_ptr(),
         sin_table.data_ptr(), positions.data_ptr(), _ptr(q_norm_weight), _ptr(k_norm_weight), eps,
         slot_mapping.data_ptr(), kv_cache.data_ptr(), kv_cache.data_ptr() + half,
@@ -246,14 +261,15 @@ def paged_decode_attention(
     before the softmax (Gemma 2's attention logit soft-capping).
 
     q: [D, Hq, Dh] float32 with contiguous heads (rows may be strided); out: [D, Hq, Dh] contiguous;
-    kv_cache: [2, num_blocks, B, Hkv, Dh] contiguous; block_tables: [D, >= ceil(max len / B)] int64 with
-    contiguous rows; context_lens: [D] int64 (each >= 1).
+    kv_cache: [2, num_blocks, B, Hkv, Dh] contiguous, float32 or float16 (see kv_cache_supported);
+    block_tables: [D, >= ceil(max len / B)] int64 with contiguous rows; context_lens: [D] int64 (each >= 1).
     """
     _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     d, hq, _ = q.shape
     assert q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and block_tables.stride(1) == 1
     half = kv_cache[0].numel() * kv_cache.element_size()
-    lib.paged_decode_attention_f32(
+    fn = lib.paged_decode_attention_f16kv if kv_cache.dtype == torch.float16 else lib.paged_decode_attention_f32
+    fn(
         q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.data_ptr() + half, block_tables.data_ptr(),
         block_tables.stride(0), context_lens.data_ptr(), d, hq, num_kv_heads, head_dim, block_size,
         scale, window, softcap, out.data_ptr(),

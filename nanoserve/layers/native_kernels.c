@@ -58,6 +58,24 @@ static inline v8 exp8(v8 x) {
 /* Parallelise a loop over rows only when there is enough work to pay for waking the other threads. */
 #define PAR_MIN_ELEMS 16384
 
+/* The KV cache in float32, or in IEEE half precision (kv_cache_dtype float16: half the bytes a decode step
+   reads, and twice the tokens a budget holds). Halves widen to float32 as they load, so the arithmetic is
+   the float32 kernel's on the rounded values; the F16C instructions do it eight at a time. Every AVX2 CPU
+   has them; where the compiler was not given them, kv_half_supported() says so and the caller uses torch. */
+#if defined(__F16C__)
+#include <immintrin.h>
+static inline v8 load8h(const uint16_t *p) { return (v8)_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+static inline void store8h(uint16_t *p, v8 x) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph((__m256)x, _MM_FROUND_TO_NEAREST_INT));
+}
+int64_t kv_half_supported(void) { return 1; }
+#else
+static inline v8 load8h(const uint16_t *p) { (void)p; abort(); }
+static inline void store8h(uint16_t *p, v8 x) { (void)p; (void)x; abort(); }
+int64_t kv_half_supported(void) { return 0; }
+#endif
+
+
 /* sum of squares of n floats (n a multiple of 8) */
 static inline float sumsq(const float *x, int64_t n) {
     v8 a0 = {0}, a1 = {0};
@@ -109,10 +127,10 @@ static inline void rope_head(float *x, const float *c, const float *s, int64_t R
    optional per-head RMSNorm of q and k (q_w / k_w non-NULL: Qwen3), rotary embedding of the first R dims
    of each q and k head at positions[t] (tables cos/sin [P, R]; R == D unless partial rotary), all in
    place; then k and v are copied into cache slot slots[t] of k_cache / v_cache ([num_slots, Hkv, D]). */
-void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                            int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
-                            const float *q_w, const float *k_w, float eps,
-                            const int64_t *slots, float *k_cache, float *v_cache) {
+static inline __attribute__((always_inline)) void qk_norm_rope_store(
+    float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D, int64_t R, const float *cos_t,
+    const float *sin_t, const int64_t *positions, const float *q_w, const float *k_w, float eps,
+    const int64_t *slots, void *k_cache, void *v_cache, const int half) {
     #pragma omp parallel for schedule(static) if (T * (Hq + 2 * Hkv) * D >= PAR_MIN_ELEMS)
     for (int64_t t = 0; t < T; t++) {
         float *row = qkv + t * qkv_stride;
@@ -123,11 +141,34 @@ void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t H
             if (w) rms_row(x, w, eps, D, x);
             rope_head(x, c, s, R);
         }
-        if (slots) {
-            memcpy(k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);
-            memcpy(v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
+        if (slots && half) {  /* rounded to nearest even, as torch's .half() does; D % 8 == 0 */
+            uint16_t *kc = (uint16_t *)k_cache + slots[t] * Hkv * D, *vc = (uint16_t *)v_cache + slots[t] * Hkv * D;
+            for (int64_t i = 0; i < Hkv * D; i += 8) {
+                store8h(kc + i, load8(row + Hq * D + i));
+                store8h(vc + i, load8(row + (Hq + Hkv) * D + i));
+            }
+        } else if (slots) {
+            memcpy((float *)k_cache + slots[t] * Hkv * D, row + Hq * D, sizeof(float) * Hkv * D);
+            memcpy((float *)v_cache + slots[t] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * Hkv * D);
         }
     }
+}
+
+void qk_norm_rope_store_f32(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                            int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
+                            const float *q_w, const float *k_w, float eps,
+                            const int64_t *slots, float *k_cache, float *v_cache) {
+    qk_norm_rope_store(qkv, qkv_stride, T, Hq, Hkv, D, R, cos_t, sin_t, positions, q_w, k_w, eps, slots, k_cache,
+                       v_cache, 0);
+}
+
+/* The same into a float16 cache (kv_cache_dtype float16). */
+void qk_norm_rope_store_f16kv(float *qkv, int64_t qkv_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
+                              int64_t R, const float *cos_t, const float *sin_t, const int64_t *positions,
+                              const float *q_w, const float *k_w, float eps,
+                              const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache) {
+    qk_norm_rope_store(qkv, qkv_stride, T, Hq, Hkv, D, R, cos_t, sin_t, positions, q_w, k_w, eps, slots, k_cache,
+                       v_cache, 1);
 }
 
 /* out[t] = silu(gu[t, :I]) * gu[t, I:], silu(x) = x / (1 + exp(-x)). I % 8 == 0. */
@@ -165,26 +206,33 @@ void apply_token_bitmask_f32(float *logits, int64_t ls, const int64_t *row, int6
     }
 }
 
+/* Eight cache values from element offset i of a float32 (half == 0) or float16 (half == 1) cache. */
+static inline __attribute__((always_inline)) v8 kv_load8(const void *cache, int64_t i, int half) {
+    return half ? load8h((const uint16_t *)cache + i) : load8((const float *)cache + i);
+}
+
 /* Decode attention over a paged cache: out[d] = softmax(scale * q[d] K_d^T) V_d.
    q:                [D, Hq, Dh], rows q_stride floats apart; Dh % 8 == 0
    out:              [D, Hq, Dh] contiguous
-   k_cache, v_cache: [num_blocks, B, Hkv, Dh]     the two halves of one layer's cache
+   k_cache, v_cache: [num_blocks, B, Hkv, Dh]     the two halves of one layer's cache (float32, or float16
+                                                  through paged_decode_attention_f16kv)
    block_tables:     [D, table_stride] int64      sequence d's token t lives in block table[t / B], row t % B
    context_lens:     [D] int64, >= 1              keys 0 .. len-1 are attended (the new token included)
    window:           > 0: only the last `window` of them (sliding-window attention); 0: all
    softcap:          > 0: scores = softcap * tanh(scores / softcap) before the softmax (Gemma 2); 0: none
    A task is one sequence and a group of its KV heads; it reads each cached key and value once and shares
-   it between the G query heads of that KV head (GQA). */
-void paged_decode_attention_f32(
-    const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+   it between the G query heads of that KV head (GQA). Cache positions are element offsets, so one body
+   serves both element types. */
+static inline __attribute__((always_inline)) void paged_decode_attention(
+    const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, const int64_t *block_tables,
     int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
-    int64_t B, float scale, int64_t window, float softcap, float *out)
+    int64_t B, float scale, int64_t window, float softcap, float *out, const int half)
 {
-    const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-float chunks per head */
+    const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-value chunks per head */
     const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
     int64_t total = 0;
     for (int64_t d = 0; d < D; d++) total += context_lens[d];
-    /* fewer than ~256 KiB of keys: one thread is faster than waking the others */
+    /* fewer than ~256 KiB of float32 keys: one thread is faster than waking the others */
     const int nthreads = total * Hkv * Dh >= 4 * PAR_MIN_ELEMS ? omp_get_max_threads() : 1;
     const int64_t splits = D < 2 * nthreads ? Hkv : 1;   /* few sequences: split their heads over tasks */
     const int64_t hps = Hkv / splits;
@@ -204,7 +252,7 @@ void paged_decode_attention_f32(
             const int64_t lo = window > 0 && L > window ? L - window : 0, b0 = lo / B;
             /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
             for (int64_t b = b0; b < nblk; b++) {
-                const float *kb = k_cache + table[b] * block_stride + h0 * Dh;
+                const int64_t kb = table[b] * block_stride + h0 * Dh;
                 const int64_t n = (b + 1) * B <= L ? B : L - b * B;
                 for (int64_t h = 0; h < hps; h++)
                     for (int64_t g = 0; g < G; g++) {
@@ -212,18 +260,18 @@ void paged_decode_attention_f32(
                         float *sr = scores + (h * G + g) * Lp + b * B;
                         int64_t j = 0;
                         for (; j + 8 <= n; j += 8) {
-                            const float *k = kb + j * token_stride + h * Dh;
+                            const int64_t k = kb + j * token_stride + h * Dh;
                             v8 acc[8] = {{0}};
                             for (int64_t c = 0; c < Dh; c += 8) {
                                 const v8 qc = load8(qr + c);
-                                for (int jj = 0; jj < 8; jj++) acc[jj] += qc * load8(k + jj * token_stride + c);
+                                for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
                             }
                             store8(sr + j, hsum8x8(acc) * scale);
                         }
                         for (; j < n; j++) {
-                            const float *k = kb + j * token_stride + h * Dh;
+                            const int64_t k = kb + j * token_stride + h * Dh;
                             v8 acc = {0};
-                            for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * load8(k + c);
+                            for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * kv_load8(k_cache, k + c, half);
                             sr[j] = hsum8(acc) * scale;
                         }
                     }
@@ -248,7 +296,7 @@ void paged_decode_attention_f32(
                 const float inv = 1.0f / hsum8(vsum);
                 for (int64_t t = 0; t < Lp; t += 8) store8(s + t, load8(s + t) * inv);
             }
-            /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 floats at a time */
+            /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 values at a time */
             for (int64_t h = 0; h < hps; h++)
                 for (int64_t g = 0; g < G; g++) {
                     const float *p = scores + (h * G + g) * Lp;
@@ -260,12 +308,12 @@ void paged_decode_attention_f32(
                     for (; c0 + 8 <= C; c0 += 8) {
                         v8 acc[8] = {{0}};
                         for (int64_t b = b0; b < nblk; b++) {
-                            const float *vb = v_cache + table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
+                            const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
                             const int64_t n = (b + 1) * B <= L ? B : L - b * B;
                             for (int64_t j = 0; j < n; j++) {
                                 const float pt = p[b * B + j];
-                                const float *v = vb + j * token_stride;
-                                for (int c = 0; c < 8; c++) acc[c] += pt * load8(v + 8 * c);
+                                const int64_t v = vb + j * token_stride;
+                                for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
                             }
                         }
                         for (int c = 0; c < 8; c++) memcpy(o + 8 * (c0 + c), &acc[c], 32);
@@ -273,9 +321,9 @@ void paged_decode_attention_f32(
                     for (; c0 < C; c0++) {  /* head sizes not a multiple of 64: the last chunks one at a time */
                         v8 acc = {0};
                         for (int64_t b = b0; b < nblk; b++) {
-                            const float *vb = v_cache + table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
+                            const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
                             const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                            for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * load8(vb + j * token_stride);
+                            for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * kv_load8(v_cache, vb + j * token_stride, half);
                         }
                         memcpy(o + 8 * c0, &acc, 32);
                     }
@@ -283,6 +331,24 @@ void paged_decode_attention_f32(
         }
         free(scores);
     }
+}
+
+void paged_decode_attention_f32(
+    const float *q, int64_t q_stride, const float *k_cache, const float *v_cache, const int64_t *block_tables,
+    int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
+    int64_t B, float scale, int64_t window, float softcap, float *out)
+{
+    paged_decode_attention(q, q_stride, k_cache, v_cache, block_tables, table_stride, context_lens, D, Hq, Hkv, Dh,
+                           B, scale, window, softcap, out, 0);
+}
+
+void paged_decode_attention_f16kv(
+    const float *q, int64_t q_stride, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *block_tables,
+    int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
+    int64_t B, float scale, int64_t window, float softcap, float *out)
+{
+    paged_decode_attention(q, q_stride, k_cache, v_cache, block_tables, table_stride, context_lens, D, Hq, Hkv, Dh,
+                           B, scale, window, softcap, out, 1);
 }
 
 /* y[m, n] = sum_k x[m, k] W[n, k] (+ bias[n]) for a few rows m, reading W in oneDNN's blocked layout for

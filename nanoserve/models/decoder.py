@@ -94,11 +94,12 @@ class DecoderAttention(nn.Module):
     def forward(self, rope: RopeStep, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) * D]
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
-        if self.kernels is not None:
+        kernels = self.kernels if native.kv_cache_supported(self.kernels, self.attn.kv_cache) else None
+        if kernels is not None:
             # One call: q/k norms, rotary (in place in qkv), and k, v into the cache.
             qk = self.q_norm is not None
             native.qk_norm_rope_store(
-                self.kernels, qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope.cos_table,
+                kernels, qkv, self.num_heads, self.num_kv_heads, self.head_dim, rope.cos_table,
                 rope.sin_table, rope.positions, self.q_norm.weight if qk else None,
                 self.k_norm.weight if qk else None, self.q_norm.eps if qk else 0.0, meta.slot_mapping,
                 self.attn.kv_cache,
@@ -106,7 +107,7 @@ class DecoderAttention(nn.Module):
         q = qkv[:, :q_size].view(-1, self.num_heads, self.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, self.num_kv_heads, self.head_dim)
         v = qkv[:, q_size + kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        if self.kernels is not None:
+        if kernels is not None:
             o = self.attn(q, k, v, meta, kv_written=True)
         else:
             if self.q_norm is not None:

@@ -49,6 +49,7 @@ class _Model(ctypes.Structure):
         ("num_layers", _i64), ("hidden", _i64), ("num_heads", _i64), ("num_kv_heads", _i64), ("head_dim", _i64),
         ("intermediate", _i64), ("block_size", _i64), ("eps", _f32), ("qk_eps", _f32), ("scale", _f32),
         ("cos_table", _ptr), ("sin_table", _ptr), ("layers", ctypes.POINTER(_Layer)), ("rotary_dim", _i64),
+        ("kv_half", _i64),
     ]  # fmt: skip
 
 
@@ -146,7 +147,8 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
             sa.kernels is None or mlp.kernels is None or layer.input_layernorm.kernels is None
             or layer.post_attention_layernorm.kernels is None or sa.attn.backend is not attention.cpu_native_attention
             or getattr(sa.o_proj, "tp", None) is not None and sa.o_proj.tp.size != 1
-            or cache.dim() != 5 or cache.dtype != torch.float32 or not cache.is_contiguous() or cache.numel() == 0
+            or cache.dim() != 5 or not native.kv_cache_supported(lib, cache) or cache.dtype != attn0.attn.kv_cache.dtype
+            or not cache.is_contiguous() or cache.numel() == 0
             or sa.head_dim % 8 or sa.attn.scale != attn0.attn.scale
         ):  # fmt: skip
             return None
@@ -172,6 +174,7 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
         len(descs), first.input_layernorm.weight.shape[0], attn0.num_heads, attn0.num_kv_heads, attn0.head_dim,
         first.mlp.gate_up_proj.out_sizes[0], first.self_attn.attn.kv_cache.shape[2], first.input_layernorm.eps,
         qk_eps, attn0.attn.scale, rotary.cos.data_ptr(), rotary.sin.data_ptr(), layers, rotary.rotary_dim,
+        int(attn0.attn.kv_cache.dtype == torch.float16),
     )  # fmt: skip
     keep += [rotary.cos, rotary.sin]
     return NativeDecode(model, layers, max_rows, cache_key(decoder), _declare(lib), keep)

@@ -61,7 +61,7 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         """Bytes one block takes on this rank across all layers (K and V). ``nanoserve plan`` predicts it with
         the same function, from the same layers built on the meta device."""
-        return shard.kv_bytes_per_block(self.attention_layers, self.block_size, self.config.dtype)
+        return shard.kv_bytes_per_block(self.attention_layers, self.block_size, self.config.kv_cache_dtype)
 
     def weight_bytes(self) -> int:
         """Bytes of this rank's weights (tied tensors once), as loaded from the checkpoint."""
@@ -81,7 +81,7 @@ class ModelRunner:
             n = num_blocks - 1 if i in short_layers else num_blocks
             # The layout kv_bytes_per_block (and plan) count: [K/V, blocks, block_size, kv_heads, head_dim].
             shape = shard.kv_cache_shape(layer, max(0, n), self.block_size)
-            layer.kv_cache = torch.empty(shape, dtype=self.config.dtype, device=self.device)
+            layer.kv_cache = torch.empty(shape, dtype=self.config.kv_cache_dtype, device=self.device)
         per_layer = [int(layer.kv_cache.shape[1]) for layer in self.attention_layers]
         self.num_blocks = min(per_layer)
         if self.num_blocks > 0:
@@ -91,7 +91,7 @@ class ModelRunner:
     def release_kv_cache(self) -> None:
         """Drop the cache tensors (after a CUDA profiling run, before the real allocation)."""
         for layer in self.attention_layers:
-            layer.kv_cache = torch.empty(0, dtype=self.config.dtype, device=self.device)
+            layer.kv_cache = torch.empty(0, dtype=self.config.kv_cache_dtype, device=self.device)
         self.num_blocks = 0
 
     def _zero_blocks(self, block_ids: list[int]) -> None:

@@ -30,7 +30,7 @@ otherwise, 2 for invalid options.
 
 ``--json`` prints :meth:`Plan.to_dict`::
 
-    model, architecture, device, dtype, tensor_parallel_size, block_size, max_model_len, max_num_seqs
+    model, architecture, device, dtype, kv_cache_dtype, tensor_parallel_size, block_size, max_model_len, max_num_seqs
     kv_cache_memory        requested per-rank budget in bytes, or null for the default
     exact                  true when the block counts do not depend on free host/device memory
     host_available_bytes   CPU: the host's available memory now (null on CUDA)
@@ -141,6 +141,7 @@ class Plan:
     architecture: str
     device: str
     dtype: str
+    kv_cache_dtype: str
     tensor_parallel_size: int
     block_size: int
     max_model_len: int
@@ -185,6 +186,7 @@ class Plan:
             "architecture": self.architecture,
             "device": self.device,
             "dtype": self.dtype,
+            "kv_cache_dtype": self.kv_cache_dtype,
             "tensor_parallel_size": self.tensor_parallel_size,
             "block_size": self.block_size,
             "max_model_len": self.max_model_len,
@@ -209,7 +211,8 @@ class Plan:
         budget = "default (a share of free memory)" if self.kv_cache_memory is None else fmt_bytes(self.kv_cache_memory)
         lines = [
             f"nanoserve plan: {self.model} ({self.architecture}) — from config.json, no weights loaded",
-            f"  device {self.device}, dtype {self.dtype}, tensor_parallel_size {self.tensor_parallel_size}, "
+            f"  device {self.device}, dtype {self.dtype}, kv_cache_dtype {self.kv_cache_dtype}, "
+            f"tensor_parallel_size {self.tensor_parallel_size}, "
             f"block_size {self.block_size}, max_model_len {self.max_model_len}, max_num_seqs {self.max_num_seqs}",
             f"  KV budget per rank: {budget}"
             + (
@@ -363,7 +366,7 @@ def measure_shard(config: Any, rank: int) -> ShardSizes:
         rotary_table_bytes=shard.buffer_bytes(model),
         num_kv_heads=layers[0].num_kv_heads,
         kv_head_replicas=shard.kv_head_replicas(model),
-        kv_bytes_per_block=shard.kv_bytes_per_block(layers, config.block_size, config.dtype),
+        kv_bytes_per_block=shard.kv_bytes_per_block(layers, config.block_size, config.kv_cache_dtype),
         mlp_width=shard.mlp_width(model),
         expert_bytes=shard.expert_parameter_bytes(model),
         active_weight_bytes=shard.active_parameter_bytes(model),
@@ -461,6 +464,7 @@ def make_plan(
         architecture=", ".join(getattr(hf, "architectures", None) or ["?"]),
         device=config.device,
         dtype=str(config.dtype).removeprefix("torch."),
+        kv_cache_dtype=str(config.kv_cache_dtype).removeprefix("torch."),
         tensor_parallel_size=tp,
         block_size=bs,
         max_model_len=max_model_len,

@@ -26,7 +26,7 @@ from nanoserve.tools.plan import make_plan, probe
 
 # The top-level fields the module docstring documents for --json.
 DOCUMENTED_FIELDS = {
-    "model", "architecture", "device", "dtype", "tensor_parallel_size", "block_size", "max_model_len",
+    "model", "architecture", "device", "dtype", "kv_cache_dtype", "tensor_parallel_size", "block_size", "max_model_len",
     "max_num_seqs", "kv_cache_memory", "exact", "host_available_bytes", "ranks", "num_blocks", "num_tokens",
     "short_rank", "blocks_per_max_len_seq", "concurrency", "skipped_lengths", "fits", "problems", "notes", "probe",
 }  # fmt: skip

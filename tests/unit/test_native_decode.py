@@ -66,6 +66,8 @@ def _run(model: pathlib.Path, native: bool, monkeypatch: pytest.MonkeyPatch, **k
         ("qwen3", dict(quantization="int8", quantization_activations="int8")),
         ("qwen2", dict(quantization="int4", quantization_group_size=32, quantization_activations="int8")),
         ("llama", dict(quantization="int4", quantization_group_size=32, quantization_activations="int8")),
+        ("qwen3", dict(kv_cache_dtype="float16")),
+        ("llama", dict(quantization="int4", quantization_group_size=32, kv_cache_dtype="float16")),
     ],
     ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "fp32",
 )

@@ -89,6 +89,32 @@ def test_qk_norm_rope_store_matches_torch_and_fills_the_right_slots(lib, qk_norm
     assert not flat_k[untouched].any() and not flat_v[untouched].any()
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (2, 2, 128)])
+def test_qk_norm_rope_store_into_a_half_cache_rounds_as_torch_does(lib, heads, kv_heads, head_dim) -> None:
+    """kv_cache_dtype float16: the stored k and v are torch's float16 rounding (nearest, ties to even) of the
+    float32 results, bit for bit; q stays float32 and equal to the float32 kernel's."""
+    if not lib.kv_half:
+        pytest.skip("the kernels were built without F16C: float16 caches take the torch path")
+    g = gen(heads * 10 + head_dim)
+    tokens, num_slots = 9, 48
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g) * 3
+    # Ties between two halves (1 + 2^-11 lies halfway between 1 and 1 + 2^-10), tiny (subnormal) and huge values.
+    v0 = (heads + kv_heads) * head_dim
+    qkv[0, v0 : v0 + 4] = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 3e-6, 7e4])
+    positions = torch.randint(0, 100, (tokens,), generator=g)
+    emb = torch.rand(100, head_dim // 2, generator=g).repeat(1, 2) * 3
+    cos, sin = emb.cos(), emb.sin()
+    slots = torch.randperm(num_slots, generator=g)[:tokens]
+    full = torch.zeros(2, num_slots // 4, 4, kv_heads, head_dim)
+    half = torch.zeros(2, num_slots // 4, 4, kv_heads, head_dim, dtype=torch.float16)
+    qkv_full = qkv.clone()
+    native.qk_norm_rope_store(lib, qkv_full, heads, kv_heads, head_dim, cos, sin, positions, None, None, 0.0, slots, full)
+    native.qk_norm_rope_store(lib, qkv, heads, kv_heads, head_dim, cos, sin, positions, None, None, 0.0, slots, half)
+    assert torch.equal(qkv, qkv_full)
+    assert torch.equal(half.view(torch.int16), full.half().view(torch.int16))
+    assert half[1].view(-1, kv_heads, head_dim)[slots[0]].flatten()[:4].tolist() == [1.0, 1 + 2 * 2**-10, 50 * 2**-24, float("inf")]
+
+
 @pytest.mark.parametrize("tokens,inter", [(1, 8), (5, 1536), (300, 64)])
 def test_silu_mul(lib, tokens: int, inter: int) -> None:
     gate_up = torch.randn(tokens, 2 * inter, generator=gen(inter)) * 6  # reaches exp's clamped range
@@ -134,6 +160,10 @@ def test_paged_decode_attention(lib, heads, kv_heads, head_dim, block_size, num_
     scale = head_dim**-0.5
     native.paged_decode_attention(lib, q, kv_cache, tables, lens, scale, out)
     torch.testing.assert_close(out, reference_decode(q, kv_cache, tables, lens, scale), rtol=1e-5, atol=2e-6)
+    if lib.kv_half:  # kv_cache_dtype float16: the same attention over the cache's float16 values
+        half = kv_cache.half()
+        native.paged_decode_attention(lib, q, half, tables, lens, scale, out)
+        torch.testing.assert_close(out, reference_decode(q, half.float(), tables, lens, scale), rtol=1e-5, atol=2e-6)
 
 
 def test_packed_linear_matches_dense_and_releases_the_dense_weight() -> None:
