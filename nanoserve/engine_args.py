@@ -17,7 +17,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-dtype", default="auto", metavar="auto|float16",
                    help="what the KV cache stores: auto = the model's dtype; float16 = half the bytes of a float32 "
                         "model's cache on CPU (twice the tokens per budget, less to read per decode step; values "
-                        "rounded once when stored, so greedy output may differ from float32)")
+                        "rounded once when stored, so greedy output may differ from float32; magnitudes above 65504 "
+                        "overflow)")
     g.add_argument("--max-model-len", type=int, default=None, help="longest sequence (prompt + output); default: the model's")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences running in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget of one step (default 2048)")

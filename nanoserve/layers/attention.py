@@ -126,6 +126,11 @@ def _decode_sdpa(
     return o.squeeze(2)  # [D, Hq, Dh]
 
 
+def _as_cached(x: torch.Tensor, kv_cache: torch.Tensor) -> torch.Tensor:
+    """``x`` as attention reads it back from ``kv_cache``: rounded to the cache's dtype where that is narrower."""
+    return x if kv_cache.dtype == x.dtype else x.to(kv_cache.dtype).to(x.dtype)
+
+
 def _prefill_sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
     scale: float, out: torch.Tensor, window: int = 0, softcap: float = 0.0,
@@ -138,17 +143,20 @@ def _prefill_sdpa(
         qs = q[start : start + q_len].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, Dh]
         windowed = 0 < window < ctx_len
         if ctx_len == q_len and not windowed:
-            # No cached prefix: attend to this step's own keys, no gather needed.
-            ks = k[start : start + q_len].transpose(0, 1).unsqueeze(0)
-            vs = v[start : start + q_len].transpose(0, 1).unsqueeze(0)
+            # No cached prefix: attend to this step's own keys, no gather needed. A float16 cache's rounding is
+            # applied to them too, so a prompt sees the same keys whether it is prefilled in one chunk or
+            # several (which depends on the other requests' load) or hits the prefix cache.
+            ks = _as_cached(k[start : start + q_len], kv_cache).transpose(0, 1).unsqueeze(0)
+            vs = _as_cached(v[start : start + q_len], kv_cache).transpose(0, 1).unsqueeze(0)
             o = _attend(qs, ks, vs, None, scale, softcap, is_causal=True)
         else:
             # Keys from the first one any query of the chunk can see (all, without a window).
             first = max(0, ctx_len - q_len - window + 1) if windowed else 0
             first -= first % kv_cache.shape[2]  # whole blocks
             blocks = table[first // kv_cache.shape[2] :]
-            ks = kv_cache[0][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0).to(q.dtype)  # [1, Hkv, n, Dh]
-            vs = kv_cache[1][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0).to(q.dtype)
+            ks = kv_cache[0][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, Dh]
+            vs = kv_cache[1][blocks].flatten(0, 1)[: ctx_len - first].transpose(0, 1).unsqueeze(0)
+            ks, vs = ks.to(q.dtype), vs.to(q.dtype)  # a float16 cache widens as it is read
             # Query i sits at position ctx_len - q_len + i and sees keys up to and including it (and, with a
             # window W, after position - W).
             q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)[:, None]

@@ -163,6 +163,14 @@ def kv_cache_supported(lib: ctypes.CDLL | None, kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == torch.float32 or (kv_cache.dtype == torch.float16 and lib.kv_half)
 
 
+def _check_cache(lib: ctypes.CDLL, kv_cache: torch.Tensor) -> None:
+    if not kv_cache_supported(lib, kv_cache):
+        raise ValueError(
+            f"KV cache of dtype {kv_cache.dtype} on {kv_cache.device}: the kernels take float32, or float16 where "
+            "built with F16C (see kv_cache_supported; callers take the torch path otherwise)"
+        )
+
+
 def enabled() -> bool:
     return os.environ.get(NATIVE_ENV, "1").lower() not in ("0", "false", "off")
 
@@ -217,6 +225,7 @@ def qk_norm_rope_store(
     t = qkv.shape[0]
     assert qkv.stride(1) == 1 and cos_table.is_contiguous() and positions.dtype == torch.int64
     half = kv_cache[0].numel() * kv_cache.element_size()
+    _check_cache(lib, kv_cache)
     fn = lib.qk_norm_rope_store_f16kv if kv_cache.dtype == torch.float16 else lib.qk_norm_rope_store_f32
     fn(
         qkv.data_ptr(), qkv.stride(0), t, num_heads, num_kv_heads, head_dim, cos_table.shape[1], cos_table.data_ptr(),
@@ -268,6 +277,7 @@ def paged_decode_attention(
     d, hq, _ = q.shape
     assert q.stride(2) == 1 and q.stride(1) == head_dim and out.is_contiguous() and block_tables.stride(1) == 1
     half = kv_cache[0].numel() * kv_cache.element_size()
+    _check_cache(lib, kv_cache)
     fn = lib.paged_decode_attention_f16kv if kv_cache.dtype == torch.float16 else lib.paged_decode_attention_f32
     fn(
         q.data_ptr(), q.stride(0), kv_cache.data_ptr(), kv_cache.data_ptr() + half, block_tables.data_ptr(),

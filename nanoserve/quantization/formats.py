@@ -52,7 +52,7 @@ def unpack_int32(packed: torch.Tensor, bits: int, length: int, dim: int, order: 
     """Values of ``bits`` bits packed into int32 words along ``dim`` -> int16 tensor with ``length`` values
     along that dim. ``order[i]``: which value of a word's group sits in its i-th field (AWQ's interleave)."""
     per_word = 32 // bits
-    if bits in (4, 8) and sys.byteorder == "little":
+    if bits in (4, 8) and sys.byteorder == "little" and packed.dtype == torch.int32:
         # Fields that fill whole bytes: a word's bytes, low first, hold its values in order (two per byte at 4
         # bits, low nibble first). Read in uint8: a fifth of the time of widening every word to int64.
         raw = packed.movedim(dim, -1).contiguous().view(torch.uint8)  # [..., words * 4]

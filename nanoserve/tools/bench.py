@@ -335,6 +335,7 @@ def _engine_settings(llm: Any) -> dict[str, Any]:
     c = llm.config
     return {
         "dtype": str(c.dtype).replace("torch.", ""),
+        "kv_cache_dtype": str(c.kv_cache_dtype).replace("torch.", ""),
         "block_size": c.block_size,
         "max_num_batched_tokens": c.max_num_batched_tokens,
         "max_num_seqs": c.max_num_seqs,

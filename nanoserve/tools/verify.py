@@ -232,7 +232,8 @@ class VerifyReport:
             f"nanoserve verify: {self.model} ({self.architecture})",
             f"  reference: transformers {self.reference['transformers']}, {self.reference['dtype']}, eager attention, "
             f"{self.reference['device']}" + (f"; {self.reference['kind']}" if self.reference.get("kind") else ""),
-            f"  nanoserve: tensor_parallel_size={s['tensor_parallel_size']} dtype={s['dtype']} device={s['device']} "
+            f"  nanoserve: tensor_parallel_size={s['tensor_parallel_size']} dtype={s['dtype']} "
+            f"kv_cache_dtype={s['kv_cache_dtype']} device={s['device']} "
             f"block_size={s['block_size']} prefix_caching={'on' if s['enable_prefix_caching'] else 'off'} "
             f"chunked_prefill={'on' if s['enable_chunked_prefill'] else 'off'}",
             f"  greedy, {self.max_tokens} tokens per prompt; a divergence is a near-tie when the reference's "
@@ -484,7 +485,9 @@ def run_verify(
     path = resolve_model(model)
     # Validate every option (and learn max_model_len and the dtype) before spending time on the reference.
     config = EngineConfig.create(path, **engine_options)
-    tolerance = default_tie_tolerance(config.dtype) if tie_tolerance is None else float(tie_tolerance)
+    # A float16 KV cache rounds keys and values to 11 bits: its near-ties are as wide as a float16 model's.
+    default = max(default_tie_tolerance(config.dtype), default_tie_tolerance(config.kv_cache_dtype))
+    tolerance = default if tie_tolerance is None else float(tie_tolerance)
     texts = list(BUILTIN_PROMPTS if prompts is None else prompts)
     if not texts:
         raise ValueError("prompts: need at least one prompt")
@@ -522,6 +525,7 @@ def run_verify(
         settings={
             "tensor_parallel_size": config.tensor_parallel_size,
             "dtype": str(config.dtype).removeprefix("torch."),
+            "kv_cache_dtype": str(config.kv_cache_dtype).removeprefix("torch."),
             "device": config.device,
             "block_size": config.block_size,
             "enable_prefix_caching": config.enable_prefix_caching,
