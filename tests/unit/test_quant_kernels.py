@@ -181,9 +181,9 @@ def test_the_avx2_build_matches_reference(lib, tmp_path, vnni: bool) -> None:
     avx2 = ctypes.CDLL(str(target))
     native._declare(avx2)
     for i, (bits, asymmetric, group_size, int8) in enumerate(
-        itertools.product(BITS, (False, True), (32, -1), (False, True))
+        itertools.product(BITS, (False, True), (32, 64, 128, -1), (False, True))
     ):
-        shape, buf = random_weight(21, 128 if group_size == 32 else 72, bits, group_size, asymmetric, seed=90 + i)
+        shape, buf = random_weight(21, 256 if group_size > 0 else 72, bits, group_size, asymmetric, seed=90 + i)
         k = shape.in_features
         for m in (1, 2, 7, 17):
             x = lay_out(random_x(m, k, seed=100 + i + m, int8_activations=int8), "wide-rows")
@@ -252,6 +252,27 @@ def test_codes_at_the_extremes(lib, bits: int, asymmetric: bool, int8: bool) -> 
         want = reference(x, buf, shape, None, int8)
         # (code == zero: W is 0, but y is only ~0: the kernels sum code * scale - zero * scale)
         assert_matches(got, want, term_scale(x, buf, shape, None), f"codes {code} zero {zero}")
+
+
+@pytest.mark.parametrize("k", [128, 160], ids=["one-group-of-128", "one-group-of-160"])
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["x-max", "x-min"])
+def test_int4_int8_sums_at_the_int16_limit(lib, k: int, sign: float) -> None:
+    """With int8 activations and several rows of x, AVX2 without VNNI sums 4-bit products in int16 across a
+    whole group of up to 128 codes before widening (two product pairs per lane and chunk, 2 x 2 x 15 x 127, over
+    4 chunks: 30,480 of 32,767): every code 15 against x = +-127 everywhere is the largest such sum. A group of
+    160 (per-channel, K = 160) would pass the limit and must take the widening path. Saturation shows as a
+    wrong sum, far outside the tolerance."""
+    n, m = 13, 9
+    codes = torch.full((n, k), 15, dtype=torch.int32)
+    scales = torch.exp2(torch.empty(n, 1).uniform_(-6, -2, generator=gen(11)))
+    shape, buf = pack(codes, scales, None, 4, -1)
+    assert shape.group_size == k
+    x = torch.full((m, k), sign * 0.5)
+    x[1] *= 3.0  # a row of another scale, the same codes (+-127 everywhere)
+    got = native.q_linear(lib, x, buf, shape, None, True)
+    assert_matches(got, reference(x, buf, shape, None, True), term_scale(x, buf, shape, None), f"K={k} sign={sign}")
+    want = (scales * 7).T * x.sum(dim=1, keepdim=True)  # (15 - 8) * scale * sum(x): exact in int8 here
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
 def boundary_weight(bits: int, group_size: int, asymmetric: bool, n: int = 13, k: int = 256):
