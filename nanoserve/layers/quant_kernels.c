@@ -543,15 +543,16 @@ static void q_tile_i8_blocked(const uint8_t *w, const qshape *s, int64_t t, cons
 
 #if defined(__AVX2__) && !Q_WIDE_DOT
 #define Q_BLOCKED_MADDUBS 1
-#define Q_INT16_MAX_GROUP (4 * QCHUNK)
+#define Q_INT16_SPAN (4 * QCHUNK)  /* codes summed in int16 before widening */
 /* Several rows of x, 4-bit codes, AVX2 without VNNI (maddubs: u8 x s8 pairs summed into saturating int16).
    Rows 2p and 2p+1 of a chunk are 32 adjacent code bytes; their low nibbles (k 0-7, 16-23 of each row) are
    stored once per tile as one 32-byte vector and their high nibbles (k 8-15, 24-31) as the next, so one maddubs
    against x's first (or last) 16 codes broadcast to both halves serves two weight rows: an accumulator holds
    row 2p in its low half and row 2p+1 in its high half, and four of them cover the tile. A lane adds two
-   product pairs per chunk, at most 2 x 2 x 15 x 127 = 7,620, so the int16 sums of a group of up to 4 chunks
-   (128 codes; 30,480 of 32,767) cannot saturate: they are widened (madd) once per group, scaled lane-wise by the
-   group's scales ([s_2p x 4 | s_2p+1 x 4], built once per tile) and added across lanes once per tile. */
+   product pairs per chunk, at most 2 x 2 x 15 x 127 = 7,620, so the int16 sums of 4 chunks (128 codes; 30,480
+   of 32,767) cannot saturate: they are widened (madd) once per group of up to 128 (every 128 codes of a larger
+   one), scaled lane-wise by the group's scales ([s_2p x 4 | s_2p+1 x 4], built once per tile) and added across
+   lanes once per tile. */
 static inline __attribute__((always_inline)) void q_tile_i4_maddubs_g(
         const uint8_t *w, const qshape *s, int64_t t, const int8_t *xq, int64_t M, const int32_t *xsum,
         const float *sx, uint8_t *unpacked, __m256 *scale_lanes, __m256 *mins, const float *bias, float *y,
@@ -581,27 +582,35 @@ static inline __attribute__((always_inline)) void q_tile_i4_maddubs_g(
         const int8_t *xm = xq + m * K;
         __m256 f0 = _mm256_setzero_ps(), f1 = f0, f2 = f0, f3 = f0, z = f0;
         for (int64_t g = 0; g < ng; g++) {
-            __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+            __m256i i0 = _mm256_setzero_si256(), i1 = i0, i2 = i0, i3 = i0;
             const uint8_t *u = unpacked + g * QT * G;
             const int8_t *xg = xm + g * G;
-            for (int64_t c = 0; c < G; c += QCHUNK) {
-                const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + c)));
-                const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + c + 16)));
-                const uint8_t *ch = u + (c / QCHUNK) * QT * 32;
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)ch), xl));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 64)), xl));
-                a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 128)), xl));
-                a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 192)), xl));
-                a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 32)), xh));
-                a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 96)), xh));
-                a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 160)), xh));
-                a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 224)), xh));
+            for (int64_t c0 = 0; c0 < G; c0 += Q_INT16_SPAN) {  /* once, for groups of up to 128 */
+                __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+                const int64_t c1 = c0 + Q_INT16_SPAN < G ? c0 + Q_INT16_SPAN : G;
+                for (int64_t c = c0; c < c1; c += QCHUNK) {
+                    const __m256i xl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + c)));
+                    const __m256i xh = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xg + c + 16)));
+                    const uint8_t *ch = u + (c / QCHUNK) * QT * 32;
+                    a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)ch), xl));
+                    a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 64)), xl));
+                    a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 128)), xl));
+                    a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 192)), xl));
+                    a0 = _mm256_add_epi16(a0, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 32)), xh));
+                    a1 = _mm256_add_epi16(a1, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 96)), xh));
+                    a2 = _mm256_add_epi16(a2, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 160)), xh));
+                    a3 = _mm256_add_epi16(a3, _mm256_maddubs_epi16(_mm256_load_si256((const __m256i *)(ch + 224)), xh));
+                }
+                i0 = _mm256_add_epi32(i0, _mm256_madd_epi16(a0, ones));
+                i1 = _mm256_add_epi32(i1, _mm256_madd_epi16(a1, ones));
+                i2 = _mm256_add_epi32(i2, _mm256_madd_epi16(a2, ones));
+                i3 = _mm256_add_epi32(i3, _mm256_madd_epi16(a3, ones));
             }
             const __m256 *sl = scale_lanes + g * 4;
-            f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a0, ones)), sl[0], f0);
-            f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a1, ones)), sl[1], f1);
-            f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a2, ones)), sl[2], f2);
-            f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(a3, ones)), sl[3], f3);
+            f0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i0), sl[0], f0);
+            f1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i1), sl[1], f1);
+            f2 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i2), sl[2], f2);
+            f3 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i3), sl[3], f3);
             z = _mm256_fmadd_ps(mins[g], _mm256_set1_ps((float)xsum[m * ng + g]), z);
         }
         /* lanes of hadd(hadd(f0, f1), hadd(f2, f3)) are rows 0 2 4 6 | 1 3 5 7 */
@@ -660,7 +669,7 @@ void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits
     }
 #endif
 #if defined(Q_BLOCKED_MADDUBS)
-    if (M > 1 && bits == 4 && G <= Q_INT16_MAX_GROUP) {  /* larger groups could saturate the int16 sums */
+    if (M > 1 && bits == 4) {
         #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
         {
             uint8_t *unpacked = aligned_alloc(64, (size_t)(QT * K));

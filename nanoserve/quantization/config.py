@@ -64,6 +64,19 @@ class QuantizationConfig:
     ct_format: str = "pack-quantized"  # compressed-tensors only: one of CT_FORMATS
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        # A bad "re:" pattern would otherwise surface as a bare re.error from deep inside model loading.
+        for source, patterns in (("quantization_skip", self.skip), ("the checkpoint's ignore list", self.checkpoint_ignore)):
+            for pattern in patterns:
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise ValueError(
+                            f"{source}: {pattern!r} is not a valid regular expression ({exc}); write it as "
+                            "'re:' followed by a Python regex matched from the start of the module name"
+                        ) from exc
+
     @property
     def on_load(self) -> bool:
         return self.method in ON_LOAD_METHODS

@@ -48,3 +48,17 @@ def test_on_load_options_are_refused_for_a_quantized_checkpoint() -> None:
     for option in (dict(skip="lm_head"), dict(group_size=64), dict(zero_point=True)):
         with pytest.raises(ValueError, match="apply to quantize-on-load"):
             resolve(config, None, **option)
+
+
+def test_a_malformed_regex_pattern_is_refused_naming_where_it_came_from() -> None:
+    with pytest.raises(ValueError, match=r"quantization_skip: 're:\(unclosed' is not a valid regular expression"):
+        resolve(_config(1024, 3072, 16, 128), "int4", skip="lm_head,re:(unclosed")
+    config = _config(1024, 3072, 16, 128)
+    config.quantization_config = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head", "re:.*mlp.gate[$"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128}}},
+    }  # fmt: skip
+    with pytest.raises(ValueError, match="the checkpoint's ignore list: 're:.*mlp.gate"):
+        resolve(config, None)
+    assert resolve(_config(1024, 3072, 16, 128), "int4", skip="re:.*down_proj$").skip == ("re:.*down_proj$",)

@@ -254,14 +254,13 @@ def test_codes_at_the_extremes(lib, bits: int, asymmetric: bool, int8: bool) -> 
         assert_matches(got, want, term_scale(x, buf, shape, None), f"codes {code} zero {zero}")
 
 
-@pytest.mark.parametrize("k", [128, 160], ids=["one-group-of-128", "one-group-of-160"])
+@pytest.mark.parametrize("k", [128, 160, 288], ids=["one-group-of-128", "one-group-of-160", "one-group-of-288"])
 @pytest.mark.parametrize("sign", [1.0, -1.0], ids=["x-max", "x-min"])
 def test_int4_int8_sums_at_the_int16_limit(lib, k: int, sign: float) -> None:
-    """With int8 activations and several rows of x, AVX2 without VNNI sums 4-bit products in int16 across a
-    whole group of up to 128 codes before widening (two product pairs per lane and chunk, 2 x 2 x 15 x 127, over
-    4 chunks: 30,480 of 32,767): every code 15 against x = +-127 everywhere is the largest such sum. A group of
-    160 (per-channel, K = 160) would pass the limit and must take the widening path. Saturation shows as a
-    wrong sum, far outside the tolerance."""
+    """With int8 activations and several rows of x, AVX2 without VNNI sums 4-bit products in int16 over 128
+    codes before widening (two product pairs per lane and chunk, 2 x 2 x 15 x 127, over 4 chunks: 30,480 of
+    32,767): every code 15 against x = +-127 everywhere is the largest such sum. Larger groups (per-channel,
+    K = 160, 288) must widen every 128 codes. Saturation shows as a wrong sum, far outside the tolerance."""
     n, m = 13, 9
     codes = torch.full((n, k), 15, dtype=torch.int32)
     scales = torch.exp2(torch.empty(n, 1).uniform_(-6, -2, generator=gen(11)))
