@@ -257,8 +257,8 @@ static void q_quantize_row(const float *x, const qshape *s, int8_t *xq, float *s
     const float inv = amax > 0 ? 127.f / amax : 1.f;
     *sx = amax > 0 ? amax / 127.f : 1.f;
     const __m256 vinv = _mm256_set1_ps(inv), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
-    /* after the two packs, 4-byte group i holds k 4i'..: a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7 for the
-       32 codes a = k 0-7, b = 8-15, c = 16-23, d = 24-31 */
+    /* of the 32 codes a = k 0-7, b = 8-15, c = 16-23, d = 24-31, the two packs leave the eight 4-byte groups
+       as a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7; the permutation puts them in natural or nibble order */
     const __m256i order = s->bits == 4 ? _mm256_setr_epi32(0, 4, 2, 6, 1, 5, 3, 7) : _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (int64_t g = 0; g < s->ngroups; g++) {
         __m256i tot = _mm256_setzero_si256();
@@ -637,6 +637,19 @@ static void q_tile_i4_maddubs(const uint8_t *w, const qshape *s, int64_t t, cons
 }
 #endif
 
+/* The tiled kernel for several rows of x that this build has (at most one: AVX-512 VNNI or AVX2 maddubs), the
+   calls it serves, and the type of its per-tile scale vectors. */
+#if defined(Q_BLOCKED)
+/* per-channel weights (one group per row) gain nothing from it: measured equal or slower */
+#define Q_TILED(M, s) ((M) > 1 && (s).ngroups > 1)
+#define Q_TILE q_tile_i8_blocked
+typedef __m512 q_lanes;
+#elif defined(Q_BLOCKED_MADDUBS)
+#define Q_TILED(M, s) ((M) > 1 && (s).bits == 4)
+#define Q_TILE q_tile_i4_maddubs
+typedef __m256 q_lanes;
+#endif
+
 void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
                  const float *x, int64_t M, int64_t x_stride, const float *bias, float *y) {
     const qshape s = q_shape(N, K, G, bits, asym);
@@ -647,37 +660,16 @@ void q_linear_i8(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits
     #pragma omp parallel for schedule(static) if (M >= 8)
     for (int64_t m = 0; m < M; m++) q_quantize_row(x + m * x_stride, &s, xq + m * K, sx + m, xsum + m * s.ngroups);
     const float implied_zero = bits == 4 ? 8.f : 0.f;
-#if defined(Q_BLOCKED)
-    /* per-channel weights (one group per row) gain nothing from it: measured equal or slower */
-    if (M > 1 && s.ngroups > 1) {
+#if defined(Q_TILE)
+    if (Q_TILED(M, s)) {
         #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
         {
             uint8_t *unpacked = aligned_alloc(64, (size_t)(QT * K));
-            __m512 *scale_lanes = aligned_alloc(64, sizeof(__m512) * (size_t)(4 * s.ngroups));
+            q_lanes *scale_lanes = aligned_alloc(64, sizeof(q_lanes) * (size_t)(4 * s.ngroups));
             __m256 *mins = aligned_alloc(64, sizeof(__m256) * (size_t)s.ngroups);
             #pragma omp for schedule(static)
             for (int64_t t = 0; t < tiles; t++)
-                q_tile_i8_blocked(w, &s, t, xq, M, xsum, sx, unpacked, scale_lanes, mins, bias, y);
-            free(unpacked);
-            free(scale_lanes);
-            free(mins);
-        }
-        free(xq);
-        free(sx);
-        free(xsum);
-        return;
-    }
-#endif
-#if defined(Q_BLOCKED_MADDUBS)
-    if (M > 1 && bits == 4) {
-        #pragma omp parallel if (tiles >= 4 && tiles * s.ngroups * s.record * M >= Q_PAR_MIN)
-        {
-            uint8_t *unpacked = aligned_alloc(64, (size_t)(QT * K));
-            __m256 *scale_lanes = aligned_alloc(32, sizeof(__m256) * (size_t)(4 * s.ngroups));
-            __m256 *mins = aligned_alloc(32, sizeof(__m256) * (size_t)s.ngroups);
-            #pragma omp for schedule(static)
-            for (int64_t t = 0; t < tiles; t++)
-                q_tile_i4_maddubs(w, &s, t, xq, M, xsum, sx, unpacked, scale_lanes, mins, bias, y);
+                Q_TILE(w, &s, t, xq, M, xsum, sx, unpacked, scale_lanes, mins, bias, y);
             free(unpacked);
             free(scale_lanes);
             free(mins);
