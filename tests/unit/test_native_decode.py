@@ -9,10 +9,13 @@ parity tests against transformers (tests/model/) run through it too, since it is
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import torch
 
 from nanoserve import LLM, SamplingParams
 from nanoserve.layers.native import load as load_kernels
@@ -39,10 +42,23 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, pathlib.P
     }
 
 
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Intra-op threads for an in-process engine (the suite runs at 1): the C step shares each kernel's work
+    between its threads, so the comparisons run it on two against the layer path on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _run(model: pathlib.Path, native: bool, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> tuple[list, list, int]:
-    """Tokens and top log-probabilities of PROMPTS, and how many steps took the C loop."""
+    """Tokens and top log-probabilities of PROMPTS, and how many steps took the C loop (on two threads; the
+    layer path on one)."""
     monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1" if native else "0")
-    with LLM(str(model), **ENGINE, **kwargs) as llm:
+    with _threads(2 if native else 1), LLM(str(model), **ENGINE, **kwargs) as llm:
         first = llm.generate([{"prompt_token_ids": PROMPTS[0]}], SAMPLING, use_tqdm=False)
         rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[1:]], SAMPLING, use_tqdm=False)
         outs = first + rest
@@ -114,3 +130,30 @@ def test_row_limits_of_float_activation_lowbit_layers(checkpoints: dict[str, pat
         assert model.native_decode.steps_run == 0
         llm.generate(prompts[:3], sampling, use_tqdm=False)
         assert model.native_decode.steps_run == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, dict(quantization="int8", quantization_activations="int8"),
+     dict(quantization="int4", quantization_group_size=32, quantization_activations="int8")],
+    ids=["fp32", "int8-a8", "int4-a8"],
+)  # fmt: skip
+def test_many_rows_identical_to_the_layer_path(
+    checkpoints: dict[str, pathlib.Path], kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve sequences decoding together: the C step's threads then round x to int8 together (from 8 rows)
+    instead of each on its own, and the float32 projections take their several-row kernel."""
+    prompts = [{"prompt_token_ids": [5 + 3 * i, 60 + 7 * i, 99 + i, 140 - i]} for i in range(12)]
+    sampling = SamplingParams(temperature=0, ignore_eos=True, max_tokens=6, logprobs=2)
+    results = []
+    for native in (True, False):
+        monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1" if native else "0")
+        with _threads(2 if native else 1), LLM(str(checkpoints["qwen3"]), kv_cache_memory="32MiB", block_size=4, **kwargs) as llm:
+            outs = llm.generate(prompts, sampling, use_tqdm=False)
+            assert_all_blocks_free(llm.engine)
+            plan = llm.engine.executor.runner.model.model.native_decode
+            steps = plan.steps_run if plan is not None else 0
+        assert steps >= 5 if native else steps == 0
+        results.append([(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs])
+    assert len({t for seq, _ in results[1] for t in seq}) >= 8  # the comparison is not blind
+    assert results[0] == results[1]
