@@ -371,8 +371,10 @@ static inline __m256i q_reduce_pairs(const __m256i *a) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* AVX-512 VNNI: four rows per 512-bit load (a chunk's 8 rows are 128 contiguous bytes), otherwise as below. */
-static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+/* AVX-512 VNNI: four rows per 512-bit load (a chunk's 8 rows are 128 contiguous bytes), otherwise as below.
+   The integer sums of one group: sums[0] rows 0-3 and sums[1] rows 4-7, each row's in one 128-bit lane. */
+static inline __attribute__((always_inline)) void q_group_sums_i4(const uint8_t *codes, const qshape *s,
+                                                                  const int8_t *xq, __m512i *sums) {
     const __m512i low = _mm512_set1_epi8(15);
     __m512i lo0 = _mm512_setzero_si512(), lo1 = lo0, hi0 = lo0, hi1 = lo0;
     for (int64_t c = 0; c < s->G; c += QCHUNK) {
@@ -387,10 +389,50 @@ static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s
         lo1 = _mm512_dpbusd_epi32(lo1, _mm512_and_si512(v1, low), xl);
         hi1 = _mm512_dpbusd_epi32(hi1, _mm512_and_si512(_mm512_srli_epi16(v1, 4), low), xh);
     }
-    const __m512i a0 = _mm512_add_epi32(lo0, hi0), a1 = _mm512_add_epi32(lo1, hi1);  /* rows 0-3, 4-7 */
-    const __m256i a[4] = {_mm512_castsi512_si256(a0), _mm512_extracti64x4_epi64(a0, 1),
-                          _mm512_castsi512_si256(a1), _mm512_extracti64x4_epi64(a1, 1)};
+    sums[0] = _mm512_add_epi32(lo0, hi0);
+    sums[1] = _mm512_add_epi32(lo1, hi1);
+}
+
+static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+    __m512i sums[2];
+    q_group_sums_i4(codes, s, xq, sums);
+    const __m256i a[4] = {_mm512_castsi512_si256(sums[0]), _mm512_extracti64x4_epi64(sums[0], 1),
+                          _mm512_castsi512_si256(sums[1]), _mm512_extracti64x4_epi64(sums[1], 1)};
     return q_reduce_pairs(a);
+}
+
+#define Q_I4_ONE_ROW 1
+/* One row of x against a whole tile of 4-bit codes (batch-1 decode): the same dot products, but each group's
+   sums are scaled lane by lane (a lane holds part of one row's sum) and the lanes of a row are added up once
+   per tile instead of once per group. In cache, one thread: group 32 21.6 -> 30.7 GB/s, group 128 32.5 -> 35.0;
+   SmolLM2-135M (group 64) int4 a8 decode 225 -> 240 tok/s, Qwen3-0.6B (group 128) unchanged (memory-bound). */
+static void q_tile_i4_one_row(const uint8_t *w, const qshape *s, int64_t t, const int8_t *xq, const int32_t *xsum,
+                              float sx, const float *bias, float *y) {
+    const __m512i rows03 = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i rows47 = _mm512_add_epi32(rows03, _mm512_set1_epi32(4));
+    __m512 f0 = _mm512_setzero_ps(), f1 = f0;  /* rows 0-3 | 4-7, four lanes a row */
+    __m256 z = _mm256_setzero_ps();
+    for (int64_t g = 0; g < s->ngroups; g++) {
+        const uint8_t *rec = q_record(w, s, t, g);
+        __m512i sums[2];
+        q_group_sums_i4(rec + s->header, s, xq + g * s->G, sums);
+        const __m256 sc = _mm256_loadu_ps((const float *)rec);
+        const __m512 sc512 = _mm512_castps256_ps512(sc);
+        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[0]), _mm512_permutexvar_ps(rows03, sc512), f0);
+        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums[1]), _mm512_permutexvar_ps(rows47, sc512), f1);
+        const __m256 mn = s->asym ? _mm256_loadu_ps((const float *)rec + QT) : _mm256_mul_ps(sc, _mm256_set1_ps(8.f));
+        z = _mm256_fmadd_ps(mn, _mm256_set1_ps((float)xsum[g]), z);
+    }
+    /* each 128-bit lane's four floats summed into all four, then lane k's first float is row k (k < 4: f0) */
+    f0 = _mm512_add_ps(f0, _mm512_shuffle_ps(f0, f0, _MM_SHUFFLE(2, 3, 0, 1)));
+    f1 = _mm512_add_ps(f1, _mm512_shuffle_ps(f1, f1, _MM_SHUFFLE(2, 3, 0, 1)));
+    f0 = _mm512_add_ps(f0, _mm512_shuffle_ps(f0, f0, _MM_SHUFFLE(1, 0, 3, 2)));
+    f1 = _mm512_add_ps(f1, _mm512_shuffle_ps(f1, f1, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m512i pick = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m256 rows = _mm512_castps512_ps256(_mm512_permutex2var_ps(f0, pick, f1));
+    float out[QT];
+    _mm256_storeu_ps(out, _mm256_mul_ps(_mm256_sub_ps(rows, z), _mm256_set1_ps(sx)));
+    q_store_tile(y, out, t * QT, s->N, bias);
 }
 #else
 /* 4-bit codes of the 8 rows of a record against one row of quantized x, two rows per 256-bit load: in a
@@ -744,6 +786,12 @@ void q_linear_i8_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t
         free(unpacked);
         free(scale_lanes);
         free(mins);
+    } else
+#endif
+#if defined(Q_I4_ONE_ROW)
+    if (M == 1 && bits == 4) {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < tiles; t++) q_tile_i4_one_row(w, &s, t, xq, xsum, sx[0], bias, y);
     } else
 #endif
     {
