@@ -277,100 +277,98 @@ static inline __attribute__((always_inline)) void paged_decode_attention_share(
     const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
     const int64_t splits = D < 2 * omp_get_num_threads() ? Hkv : 1;  /* few sequences: split their heads */
     const int64_t hps = Hkv / splits;
-    {
-        int64_t cap = 0;
-        float *scores = NULL;                              /* [hps * G, L], L padded to a multiple of 8 */
-        #pragma omp for schedule(dynamic, 1)
-        for (int64_t task = 0; task < D * splits; task++) {
-            const int64_t d = task / splits, h0 = (task % splits) * hps;
-            const int64_t L = context_lens[d], Lp = (L + 7) & ~(int64_t)7, rows = hps * G;
-            if (Lp > cap) { free(scores); cap = Lp; scores = (float *)malloc(sizeof(float) * rows * cap); }
-            const int64_t *table = block_tables + d * table_stride;
-            const float *qd = q + d * q_stride + h0 * G * Dh;
-            const int64_t nblk = (L + B - 1) / B;
-            /* a sliding window starts at key lo: blocks wholly before it are never read */
-            const int64_t lo = window > 0 && L > window ? L - window : 0, b0 = lo / B;
-            /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
-            for (int64_t b = b0; b < nblk; b++) {
-                const int64_t kb = table[b] * block_stride + h0 * Dh;
-                const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                for (int64_t h = 0; h < hps; h++)
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *qr = qd + (h * G + g) * Dh;
-                        float *sr = scores + (h * G + g) * Lp + b * B;
-                        int64_t j = 0;
-                        for (; j + 8 <= n; j += 8) {
-                            const int64_t k = kb + j * token_stride + h * Dh;
-                            v8 acc[8] = {{0}};
-                            for (int64_t c = 0; c < Dh; c += 8) {
-                                const v8 qc = load8(qr + c);
-                                for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
-                            }
-                            store8(sr + j, hsum8x8(acc) * scale);
-                        }
-                        for (; j < n; j++) {
-                            const int64_t k = kb + j * token_stride + h * Dh;
-                            v8 acc = {0};
-                            for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * kv_load8(k_cache, k + c, half);
-                            sr[j] = hsum8(acc) * scale;
-                        }
-                    }
-            }
-            /* softmax over t of each row; the padded tail gets probability 0 */
-            for (int64_t r = 0; r < rows; r++) {
-                float *s = scores + r * Lp;
-                /* soft-capping in transformers' order: divide, tanh, multiply (tanhf, like torch's CPU tanh,
-                   is within an ulp of exact; scalar: a softcapped model spends its time elsewhere) */
-                if (softcap > 0.f)
-                    for (int64_t t = lo; t < L; t++) s[t] = tanhf(s[t] / softcap) * softcap;
-                float m = s[lo];
-                for (int64_t t = lo + 1; t < L; t++) m = s[t] > m ? s[t] : m;
-                for (int64_t t = 0; t < lo; t++) s[t] = m - 1000.0f;  /* outside the window: probability 0 */
-                for (int64_t t = L; t < Lp; t++) s[t] = m - 1000.0f;
-                v8 vsum = {0};
-                for (int64_t t = 0; t < Lp; t += 8) {
-                    v8 e = exp8(load8(s + t) - m);
-                    store8(s + t, e);
-                    vsum += e;
-                }
-                const float inv = 1.0f / hsum8(vsum);
-                for (int64_t t = 0; t < Lp; t += 8) store8(s + t, load8(s + t) * inv);
-            }
-            /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 values at a time */
+    int64_t cap = 0;
+    float *scores = NULL;                              /* [hps * G, L], L padded to a multiple of 8 */
+    #pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < D * splits; task++) {
+        const int64_t d = task / splits, h0 = (task % splits) * hps;
+        const int64_t L = context_lens[d], Lp = (L + 7) & ~(int64_t)7, rows = hps * G;
+        if (Lp > cap) { free(scores); cap = Lp; scores = (float *)malloc(sizeof(float) * rows * cap); }
+        const int64_t *table = block_tables + d * table_stride;
+        const float *qd = q + d * q_stride + h0 * G * Dh;
+        const int64_t nblk = (L + B - 1) / B;
+        /* a sliding window starts at key lo: blocks wholly before it are never read */
+        const int64_t lo = window > 0 && L > window ? L - window : 0, b0 = lo / B;
+        /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
+        for (int64_t b = b0; b < nblk; b++) {
+            const int64_t kb = table[b] * block_stride + h0 * Dh;
+            const int64_t n = (b + 1) * B <= L ? B : L - b * B;
             for (int64_t h = 0; h < hps; h++)
                 for (int64_t g = 0; g < G; g++) {
-                    const float *p = scores + (h * G + g) * Lp;
-                    float *o = out + (d * Hq + (h0 + h) * G + g) * Dh;
-                    /* a constant count of 8 accumulators keeps them in registers (a variable count spilled
-                       them to the stack, a store and reload per token; the pass waits on memory either way,
-                       so this saves instructions rather than time: measured equal) */
-                    int64_t c0 = 0;
-                    for (; c0 + 8 <= C; c0 += 8) {
+                    const float *qr = qd + (h * G + g) * Dh;
+                    float *sr = scores + (h * G + g) * Lp + b * B;
+                    int64_t j = 0;
+                    for (; j + 8 <= n; j += 8) {
+                        const int64_t k = kb + j * token_stride + h * Dh;
                         v8 acc[8] = {{0}};
-                        for (int64_t b = b0; b < nblk; b++) {
-                            const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
-                            const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                            for (int64_t j = 0; j < n; j++) {
-                                const float pt = p[b * B + j];
-                                const int64_t v = vb + j * token_stride;
-                                for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
-                            }
+                        for (int64_t c = 0; c < Dh; c += 8) {
+                            const v8 qc = load8(qr + c);
+                            for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
                         }
-                        for (int c = 0; c < 8; c++) memcpy(o + 8 * (c0 + c), &acc[c], 32);
+                        store8(sr + j, hsum8x8(acc) * scale);
                     }
-                    for (; c0 < C; c0++) {  /* head sizes not a multiple of 64: the last chunks one at a time */
+                    for (; j < n; j++) {
+                        const int64_t k = kb + j * token_stride + h * Dh;
                         v8 acc = {0};
-                        for (int64_t b = b0; b < nblk; b++) {
-                            const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
-                            const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                            for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * kv_load8(v_cache, vb + j * token_stride, half);
-                        }
-                        memcpy(o + 8 * c0, &acc, 32);
+                        for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * kv_load8(k_cache, k + c, half);
+                        sr[j] = hsum8(acc) * scale;
                     }
                 }
         }
-        free(scores);
+        /* softmax over t of each row; the padded tail gets probability 0 */
+        for (int64_t r = 0; r < rows; r++) {
+            float *s = scores + r * Lp;
+            /* soft-capping in transformers' order: divide, tanh, multiply (tanhf, like torch's CPU tanh,
+               is within an ulp of exact; scalar: a softcapped model spends its time elsewhere) */
+            if (softcap > 0.f)
+                for (int64_t t = lo; t < L; t++) s[t] = tanhf(s[t] / softcap) * softcap;
+            float m = s[lo];
+            for (int64_t t = lo + 1; t < L; t++) m = s[t] > m ? s[t] : m;
+            for (int64_t t = 0; t < lo; t++) s[t] = m - 1000.0f;  /* outside the window: probability 0 */
+            for (int64_t t = L; t < Lp; t++) s[t] = m - 1000.0f;
+            v8 vsum = {0};
+            for (int64_t t = 0; t < Lp; t += 8) {
+                v8 e = exp8(load8(s + t) - m);
+                store8(s + t, e);
+                vsum += e;
+            }
+            const float inv = 1.0f / hsum8(vsum);
+            for (int64_t t = 0; t < Lp; t += 8) store8(s + t, load8(s + t) * inv);
+        }
+        /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 values at a time */
+        for (int64_t h = 0; h < hps; h++)
+            for (int64_t g = 0; g < G; g++) {
+                const float *p = scores + (h * G + g) * Lp;
+                float *o = out + (d * Hq + (h0 + h) * G + g) * Dh;
+                /* a constant count of 8 accumulators keeps them in registers (a variable count spilled
+                   them to the stack, a store and reload per token; the pass waits on memory either way,
+                   so this saves instructions rather than time: measured equal) */
+                int64_t c0 = 0;
+                for (; c0 + 8 <= C; c0 += 8) {
+                    v8 acc[8] = {{0}};
+                    for (int64_t b = b0; b < nblk; b++) {
+                        const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
+                        const int64_t n = (b + 1) * B <= L ? B : L - b * B;
+                        for (int64_t j = 0; j < n; j++) {
+                            const float pt = p[b * B + j];
+                            const int64_t v = vb + j * token_stride;
+                            for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
+                        }
+                    }
+                    for (int c = 0; c < 8; c++) memcpy(o + 8 * (c0 + c), &acc[c], 32);
+                }
+                for (; c0 < C; c0++) {  /* head sizes not a multiple of 64: the last chunks one at a time */
+                    v8 acc = {0};
+                    for (int64_t b = b0; b < nblk; b++) {
+                        const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
+                        const int64_t n = (b + 1) * B <= L ? B : L - b * B;
+                        for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * kv_load8(v_cache, vb + j * token_stride, half);
+                    }
+                    memcpy(o + 8 * c0, &acc, 32);
+                }
+            }
     }
+    free(scores);
 }
 
 static inline __attribute__((always_inline)) void paged_decode_attention(

@@ -87,7 +87,7 @@ static inline __m256i q_hsum8x8_epi32(const __m256i *a) {
 /* sum over k in the group of codes * x for the 8 rows of one record, as a vector of 8 row sums (AVX-512: 16
    codes per widening; a 4-bit chunk's 16 bytes widen to k 0-7, 16-23 in the low nibbles and k 8-15, 24-31 in
    the high ones, so x is gathered in those two orders once per chunk for all 8 rows). */
-static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x) {
+static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x, const int prefetch) {
     __m512 acc[QT];
     for (int r = 0; r < QT; r++) acc[r] = _mm512_setzero_ps();
     if (s->bits == 4) {
@@ -95,8 +95,10 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
         for (int64_t c = 0; c < s->G; c += QCHUNK) {
             const __m512 xa = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c)), _mm256_loadu_ps(x + c + 16), 1);
             const __m512 xb = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c + 8)), _mm256_loadu_ps(x + c + 24), 1);
-            q_prefetch_line(codes + q_code_offset(4, 0, c));
-            q_prefetch_line(codes + q_code_offset(4, 4, c));
+            if (prefetch) {
+                q_prefetch_line(codes + q_code_offset(4, 0, c));
+                q_prefetch_line(codes + q_code_offset(4, 4, c));
+            }
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
                 const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + q_code_offset(4, r, c))));
@@ -107,7 +109,7 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
     } else {
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m512 xv = _mm512_loadu_ps(x + c);
-            if (c % QCHUNK == 0)  /* a chunk's 8 rows: 256 bytes */
+            if (prefetch && c % QCHUNK == 0)  /* a chunk's 8 rows: 256 bytes */
                 for (int r = 0; r < QT; r += 2) q_prefetch_line(codes + q_code_offset(8, r, c));
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
@@ -123,14 +125,14 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
 }
 #else
 /* sum over k in the group of codes * x for the 8 rows of one record, as a vector of 8 row sums. */
-static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x) {
+static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, const float *x, const int prefetch) {
     __m256 acc[QT];
     for (int r = 0; r < QT; r++) acc[r] = _mm256_setzero_ps();
     if (s->bits == 4) {
         const __m256i low = _mm256_set1_epi32(15);
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-            if (c % QCHUNK == 0) {  /* a chunk's 8 rows: 128 bytes */
+            if (prefetch && c % QCHUNK == 0) {  /* a chunk's 8 rows: 128 bytes */
                 q_prefetch_line(codes + q_code_offset(4, 0, c));
                 q_prefetch_line(codes + q_code_offset(4, 4, c));
             }
@@ -144,7 +146,7 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
     } else {
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
-            if (c % QCHUNK == 0)
+            if (prefetch && c % QCHUNK == 0)
                 for (int r = 0; r < QT; r += 2) q_prefetch_line(codes + q_code_offset(8, r, c));
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
@@ -205,7 +207,7 @@ void q_linear_f32_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_
                 const __m256 sum = _mm256_set1_ps(xs[m * s.ngroups + g]);
                 const __m256 mins = s.asym ? _mm256_loadu_ps((const float *)rec + QT)
                                            : _mm256_mul_ps(scale, _mm256_set1_ps(implied_zero));
-                tot = _mm256_fmadd_ps(q_group_dot_f32(rec + s.header, &s, xm + g * G), scale, tot);
+                tot = _mm256_fmadd_ps(q_group_dot_f32(rec + s.header, &s, xm + g * G, m == 0), scale, tot);
                 tot = _mm256_fnmadd_ps(mins, sum, tot);
             }
             _mm256_storeu_ps(out, tot);
@@ -371,8 +373,9 @@ static inline __m256i q_reduce_pairs(const __m256i *a) {
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-/* AVX-512 VNNI: four rows per 512-bit load (a chunk's 8 rows are 128 contiguous bytes), otherwise as below.
-   The integer sums of one group: sums[0] rows 0-3 and sums[1] rows 4-7, each row's in one 128-bit lane. */
+/* AVX-512 VNNI: the integer sums of one group of 4-bit codes against one row of quantized x, four rows per
+   512-bit load (a chunk's 8 rows are 128 contiguous bytes): sums[0] rows 0-3 and sums[1] rows 4-7, each row's
+   in one 128-bit lane (the AVX2 form below holds two rows per register). */
 static inline __attribute__((always_inline)) void q_group_sums_i4(const uint8_t *codes, const qshape *s,
                                                                   const int8_t *xq, __m512i *sums) {
     const __m512i low = _mm512_set1_epi8(15);
@@ -391,14 +394,6 @@ static inline __attribute__((always_inline)) void q_group_sums_i4(const uint8_t 
     }
     sums[0] = _mm512_add_epi32(lo0, hi0);
     sums[1] = _mm512_add_epi32(lo1, hi1);
-}
-
-static inline __m256i q_group_dot_i4_pairs(const uint8_t *codes, const qshape *s, const int8_t *xq) {
-    __m512i sums[2];
-    q_group_sums_i4(codes, s, xq, sums);
-    const __m256i a[4] = {_mm512_castsi512_si256(sums[0]), _mm512_extracti64x4_epi64(sums[0], 1),
-                          _mm512_castsi512_si256(sums[1]), _mm512_extracti64x4_epi64(sums[1], 1)};
-    return q_reduce_pairs(a);
 }
 
 #define Q_I4_ONE_ROW 1
@@ -514,8 +509,10 @@ static inline __m256i q_group_dot_unsigned(const uint8_t *u, const qshape *s, co
 #else
 #define Q_I8_FLIPPED 0
 #endif
-static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, const int8_t *xq) {
+static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, const int8_t *xq, const int prefetch) {
+#if !defined(Q_I4_ONE_ROW)  /* there one row of 4-bit codes takes q_tile_i4_one_row, several the unpacked form */
     if (s->bits == 4) return q_group_dot_i4_pairs(codes, s, xq);
+#endif
 #if Q_I8_FLIPPED
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     __m512i acc[4];
@@ -525,7 +522,7 @@ static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, cons
         const uint8_t *chunk = codes + (c / QCHUNK) * QT * 32;
         #pragma GCC unroll 4
         for (int p = 0; p < 4; p++) {
-            q_prefetch_line(chunk + 64 * p);
+            if (prefetch) q_prefetch_line(chunk + 64 * p);
             acc[p] = _mm512_dpbusd_epi32(acc[p], _mm512_xor_si512(_mm512_loadu_si512(chunk + 64 * p), flip), xv);
         }
     }
@@ -542,7 +539,7 @@ static inline __m256i q_group_dot_i8(const uint8_t *codes, const qshape *s, cons
         const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + c));
         #pragma GCC unroll 8
         for (int r = 0; r < QT; r++) {
-            if (r % 2 == 0) q_prefetch_line(codes + q_code_offset(8, r, c));
+            if (prefetch && r % 2 == 0) q_prefetch_line(codes + q_code_offset(8, r, c));
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(codes + q_code_offset(8, r, c)));
             acc[r] = q_dot_u8s8(acc[r], _mm256_sign_epi8(wv, wv), _mm256_sign_epi8(xv, wv));
         }
@@ -805,7 +802,7 @@ void q_linear_i8_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t
             for (int64_t i = 0; i < M * QT; i++) acc[i] = 0.f;
             for (int64_t g = 0; g < s.ngroups; g++) {
                 const uint8_t *rec = q_record(w, &s, t, g);
-                if (unpacked) q_prefetch_record(rec, &s);  /* one row: the dot product prefetches its codes */
+                if (unpacked) q_prefetch_record(rec, &s);  /* otherwise the first row's dot product prefetches */
                 const float *scale = (const float *)rec;
                 const uint8_t *codes = rec + s.header;
 #if defined(__AVX2__)
@@ -816,7 +813,7 @@ void q_linear_i8_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t
                 for (int64_t m = 0; m < M; m++) {
                     const int8_t *xg = xq + m * K + g * G;
                     const __m256 dot = _mm256_cvtepi32_ps(unpacked ? q_group_dot_unsigned(unpacked, &s, xg)
-                                                                   : q_group_dot_i8(codes, &s, xg));
+                                                                   : q_group_dot_i8(codes, &s, xg, m == 0));
                     __m256 a = _mm256_loadu_ps(acc + m * QT);
                     a = _mm256_fmadd_ps(dot, sc, a);
                     a = _mm256_fnmadd_ps(mins, _mm256_set1_ps((float)xsum[m * s.ngroups + g]), a);
