@@ -264,111 +264,231 @@ static inline __attribute__((always_inline)) v8 kv_load8(const void *cache, int6
    context_lens:     [D] int64, >= 1              keys 0 .. len-1 are attended (the new token included)
    window:           > 0: only the last `window` of them (sliding-window attention); 0: all
    softcap:          > 0: scores = softcap * tanh(scores / softcap) before the softmax (Gemma 2); 0: none
-   A task is one sequence and a group of its KV heads; it reads each cached key and value once and shares
-   it between the G query heads of that KV head (GQA). Cache positions are element offsets, so one body
-   serves both element types. This is a team's share (see quant_kernels.c on "_team" forms): the tasks are
-   handed out dynamically, so it ends in the barrier of its `omp for`. */
+
+   The work is split along the context, not by head ("split-K", as flash-decoding does): a unit is a run of
+   whole blocks of one sequence, all heads, read token after token. A cached token's keys for every head are
+   one contiguous row (Hkv x Dh values), so a unit streams its blocks front to back; split by head, each
+   head's Dh values sat one row apart (4 KiB for Qwen3-0.6B, a page each), and 28 layers' worth read at
+   ~12 GB/s (microbenchmark: 0.6B shapes, 192 cached tokens, 2 Sapphire Rapids threads, caches cold).
+   Each unit leaves its unnormalised partial result (per head: running max, sum of exponentials, weighted
+   sum of values); a sequence of one unit is finished at once, one of several is combined after them.
+
+   The split depends only on the batch's context lengths (attn_chunk_blocks), never on the thread count, so
+   the result is the same bit for bit on any number of threads. Cache positions are element offsets, so one
+   body serves both element types. This is a team's share (see quant_kernels.c on "_team" forms), ending in
+   a barrier. */
+#define ATTN_MIN_CHUNK_BLOCKS 2   /* at least 2 x B tokens a unit: the partial result (Hq x Dh) is small beside it */
+#define ATTN_TARGET_UNITS 64      /* the whole batch in about this many units (bounds the partial results) */
+
+typedef struct {
+    int64_t lo, b0, nblk;  /* keys lo .. L-1 are attended, in blocks b0 .. nblk-1 */
+} attn_span;
+
+static inline attn_span attn_span_of(int64_t L, int64_t B, int64_t window) {
+    attn_span s;
+    s.lo = window > 0 && L > window ? L - window : 0;
+    s.b0 = s.lo / B;
+    s.nblk = (L + B - 1) / B;
+    return s;
+}
+
+static int64_t attn_chunk_blocks(const int64_t *context_lens, int64_t D, int64_t B, int64_t window) {
+    int64_t total = 0;
+    for (int64_t d = 0; d < D; d++) {
+        const attn_span s = attn_span_of(context_lens[d], B, window);
+        total += s.nblk - s.b0;
+    }
+    const int64_t per_unit = (total + ATTN_TARGET_UNITS - 1) / ATTN_TARGET_UNITS;
+    return per_unit > ATTN_MIN_CHUNK_BLOCKS ? per_unit : ATTN_MIN_CHUNK_BLOCKS;
+}
+
+/* Prefetch into L1 `n` rows of `bytes` bytes each, `stride` bytes apart, from p. */
+static inline void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t bytes) {
+    for (int64_t j = 0; j < n; j++)
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + j * stride + off, 0, 3);
+}
+
+/* Where the 8-token group after the one at (block b, row j) starts, as an element offset into a cache half;
+   -1 at the end of the unit. */
+static inline int64_t attn_next_group(const int64_t *table, int64_t b, int64_t j, int64_t be, int64_t B,
+                                      int64_t block_stride, int64_t token_stride) {
+    if (j + 16 <= B) return table[b] * block_stride + (j + 8) * token_stride;
+    return b + 1 < be ? table[b + 1] * block_stride : -1;
+}
+
+/* One unit: heads of sequence d over its keys t0 .. t1-1 (blocks bb .. be-1). scores: [Hq, Tp] scratch, Tp a
+   multiple of 8 >= t1 - t0. Leaves, per query head r, m[r] = the largest score, l[r] = sum of exp(score -
+   m[r]) and o[r, :] = the sum of exp(score - m[r]) v (unnormalised). */
+static inline __attribute__((always_inline)) void attention_unit(
+    const float *qd, const void *k_cache, const void *v_cache, const int64_t *table, int64_t t0, int64_t t1,
+    int64_t bb, int64_t be, int64_t Hq, int64_t Hkv, int64_t Dh, int64_t B, float scale, float softcap,
+    float *scores, int64_t Tp, float *m, float *l, float *o, const int half)
+{
+    const int64_t G = Hq / Hkv, token_stride = Hkv * Dh, block_stride = B * token_stride;
+    const int64_t esize = half ? 2 : 4, n = t1 - t0;
+    const char *kc = (const char *)k_cache, *vc = (const char *)v_cache;
+    /* scores[r, i] = scale * <q_r, k_(t0+i)>, eight keys at a time (eight independent sums) */
+    for (int64_t b = bb; b < be; b++) {
+        const int64_t j0 = b * B < t0 ? t0 - b * B : 0, j1 = (b + 1) * B <= t1 ? B : t1 - b * B;
+        const int64_t base = table[b] * block_stride;
+        int64_t j = j0;
+        for (; j + 8 <= j1; j += 8) {
+            const int64_t next = attn_next_group(table, b, j, be, B, block_stride, token_stride);
+            const int64_t i = b * B + j - t0;
+            for (int64_t h = 0; h < Hkv; h++) {
+                if (next >= 0) prefetch_rows(kc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
+                for (int64_t g = 0; g < G; g++) {
+                    const float *qr = qd + (h * G + g) * Dh;
+                    const int64_t k = base + j * token_stride + h * Dh;
+                    v8 acc[8] = {{0}};
+                    for (int64_t c = 0; c < Dh; c += 8) {
+                        const v8 qc = load8(qr + c);
+                        for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
+                    }
+                    store8(scores + (h * G + g) * Tp + i, hsum8x8(acc) * scale);
+                }
+            }
+        }
+        for (; j < j1; j++) {
+            const int64_t i = b * B + j - t0;
+            for (int64_t r = 0; r < Hq; r++) {
+                const float *qr = qd + r * Dh;
+                const int64_t k = base + j * token_stride + (r / G) * Dh;
+                v8 acc = {0};
+                for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * kv_load8(k_cache, k + c, half);
+                scores[r * Tp + i] = hsum8(acc) * scale;
+            }
+        }
+    }
+    /* exp(score - max) of each row; the padded tail gets 0 */
+    for (int64_t r = 0; r < Hq; r++) {
+        float *s = scores + r * Tp;
+        /* soft-capping in transformers' order: divide, tanh, multiply (tanhf, like torch's CPU tanh, is
+           within an ulp of exact; scalar: a softcapped model spends its time elsewhere) */
+        if (softcap > 0.f)
+            for (int64_t i = 0; i < n; i++) s[i] = tanhf(s[i] / softcap) * softcap;
+        float mx = s[0];
+        for (int64_t i = 1; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+        for (int64_t i = n; i < Tp; i++) s[i] = mx;
+        v8 vsum = {0};
+        const int64_t full = n & ~(int64_t)7;
+        for (int64_t i = 0; i < Tp; i += 8) {
+            v8 e = exp8(load8(s + i) - mx);
+            if (i >= full)
+                for (int64_t ii = 0; ii < 8; ii++) e[ii] = i + ii < n ? e[ii] : 0.f;
+            store8(s + i, e);
+            vsum += e;
+        }
+        m[r] = mx;
+        l[r] = hsum8(vsum);
+    }
+    /* o[r] = sum_i p[r, i] v_(t0+i), 64 values of a head at a time in registers, 8 tokens at a time */
+    memset(o, 0, sizeof(float) * (size_t)(Hq * Dh));
+    for (int64_t b = bb; b < be; b++) {
+        const int64_t j0 = b * B < t0 ? t0 - b * B : 0, j1 = (b + 1) * B <= t1 ? B : t1 - b * B;
+        const int64_t base = table[b] * block_stride;
+        for (int64_t j = j0; j < j1; j += 8) {
+            const int64_t nj = j + 8 <= j1 ? 8 : j1 - j, i = b * B + j - t0;
+            const int64_t next = nj == 8 ? attn_next_group(table, b, j, be, B, block_stride, token_stride) : -1;
+            for (int64_t h = 0; h < Hkv; h++) {
+                if (next >= 0) prefetch_rows(vc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
+                for (int64_t g = 0; g < G; g++) {
+                    const float *p = scores + (h * G + g) * Tp + i;
+                    float *orow = o + (h * G + g) * Dh;
+                    const int64_t vb = base + j * token_stride + h * Dh;
+                    int64_t c0 = 0;
+                    /* a constant count of 8 accumulators keeps them in registers */
+                    for (; c0 + 64 <= Dh; c0 += 64) {
+                        v8 acc[8];
+                        for (int c = 0; c < 8; c++) acc[c] = load8(orow + c0 + 8 * c);
+                        for (int64_t jj = 0; jj < nj; jj++) {
+                            const float pt = p[jj];
+                            const int64_t v = vb + jj * token_stride + c0;
+                            for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
+                        }
+                        for (int c = 0; c < 8; c++) store8(orow + c0 + 8 * c, acc[c]);
+                    }
+                    for (; c0 < Dh; c0 += 8) {  /* head sizes not a multiple of 64: the last values 8 at a time */
+                        v8 acc = load8(orow + c0);
+                        for (int64_t jj = 0; jj < nj; jj++) acc += p[jj] * kv_load8(v_cache, vb + jj * token_stride + c0, half);
+                        store8(orow + c0, acc);
+                    }
+                }
+            }
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void paged_decode_attention_share(
     const float *q, int64_t q_stride, const void *k_cache, const void *v_cache, const int64_t *block_tables,
     int64_t table_stride, const int64_t *context_lens, int64_t D, int64_t Hq, int64_t Hkv, int64_t Dh,
     int64_t B, float scale, int64_t window, float softcap, float *out, const int half)
 {
-    const int64_t G = Hq / Hkv, C = Dh / 8;               /* query heads per KV head; 8-value chunks per head */
-    const int64_t token_stride = Hkv * Dh, block_stride = B * token_stride;
-    const int64_t splits = D < 2 * omp_get_num_threads() ? Hkv : 1;  /* few sequences: split their heads */
-    const int64_t hps = Hkv / splits;
-    int64_t cap = 0;
-    float *scores = NULL;                              /* [hps * G, L], L padded to a multiple of 8 */
+    /* Every thread works out the same split: units of chunk blocks, first_unit[d] .. first_unit[d + 1] - 1
+       sequence d's. */
+    const int64_t chunk = attn_chunk_blocks(context_lens, D, B, window), Tp = (chunk * B + 7) & ~(int64_t)7;
+    int64_t *first_unit = malloc(sizeof(int64_t) * (size_t)(D + 1));
+    float *scores = malloc(sizeof(float) * (size_t)(Hq * Tp));
+    float *own = malloc(sizeof(float) * (size_t)(Hq * (Dh + 2)));  /* a whole sequence's unit: m, l, o */
+    first_unit[0] = 0;
+    for (int64_t d = 0; d < D; d++) {
+        const attn_span s = attn_span_of(context_lens[d], B, window);
+        first_unit[d + 1] = first_unit[d] + (s.nblk - s.b0 + chunk - 1) / chunk;
+    }
+    const int64_t units = first_unit[D], part = Hq * (Dh + 2);
+    float *parts = NULL;  /* [units, Hq * (Dh + 2)]: m, l, o of units of sequences that have several */
+    if (units > D) {
+        #pragma omp single copyprivate(parts)
+        parts = malloc(sizeof(float) * (size_t)(units * part));
+    }
     #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < D * splits; task++) {
-        const int64_t d = task / splits, h0 = (task % splits) * hps;
-        const int64_t L = context_lens[d], Lp = (L + 7) & ~(int64_t)7, rows = hps * G;
-        if (Lp > cap) { free(scores); cap = Lp; scores = (float *)malloc(sizeof(float) * rows * cap); }
-        const int64_t *table = block_tables + d * table_stride;
-        const float *qd = q + d * q_stride + h0 * G * Dh;
-        const int64_t nblk = (L + B - 1) / B;
-        /* a sliding window starts at key lo: blocks wholly before it are never read */
-        const int64_t lo = window > 0 && L > window ? L - window : 0, b0 = lo / B;
-        /* scores[r, t] = scale * <q_r, k_t>, eight keys at a time (eight independent sums) */
-        for (int64_t b = b0; b < nblk; b++) {
-            const int64_t kb = table[b] * block_stride + h0 * Dh;
-            const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-            for (int64_t h = 0; h < hps; h++)
-                for (int64_t g = 0; g < G; g++) {
-                    const float *qr = qd + (h * G + g) * Dh;
-                    float *sr = scores + (h * G + g) * Lp + b * B;
-                    int64_t j = 0;
-                    for (; j + 8 <= n; j += 8) {
-                        const int64_t k = kb + j * token_stride + h * Dh;
-                        v8 acc[8] = {{0}};
-                        for (int64_t c = 0; c < Dh; c += 8) {
-                            const v8 qc = load8(qr + c);
-                            for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
-                        }
-                        store8(sr + j, hsum8x8(acc) * scale);
-                    }
-                    for (; j < n; j++) {
-                        const int64_t k = kb + j * token_stride + h * Dh;
-                        v8 acc = {0};
-                        for (int64_t c = 0; c < Dh; c += 8) acc += load8(qr + c) * kv_load8(k_cache, k + c, half);
-                        sr[j] = hsum8(acc) * scale;
-                    }
-                }
-        }
-        /* softmax over t of each row; the padded tail gets probability 0 */
-        for (int64_t r = 0; r < rows; r++) {
-            float *s = scores + r * Lp;
-            /* soft-capping in transformers' order: divide, tanh, multiply (tanhf, like torch's CPU tanh,
-               is within an ulp of exact; scalar: a softcapped model spends its time elsewhere) */
-            if (softcap > 0.f)
-                for (int64_t t = lo; t < L; t++) s[t] = tanhf(s[t] / softcap) * softcap;
-            float m = s[lo];
-            for (int64_t t = lo + 1; t < L; t++) m = s[t] > m ? s[t] : m;
-            for (int64_t t = 0; t < lo; t++) s[t] = m - 1000.0f;  /* outside the window: probability 0 */
-            for (int64_t t = L; t < Lp; t++) s[t] = m - 1000.0f;
-            v8 vsum = {0};
-            for (int64_t t = 0; t < Lp; t += 8) {
-                v8 e = exp8(load8(s + t) - m);
-                store8(s + t, e);
-                vsum += e;
-            }
-            const float inv = 1.0f / hsum8(vsum);
-            for (int64_t t = 0; t < Lp; t += 8) store8(s + t, load8(s + t) * inv);
-        }
-        /* out[r] = sum_t p[r, t] v_t, accumulated in registers 64 values at a time */
-        for (int64_t h = 0; h < hps; h++)
-            for (int64_t g = 0; g < G; g++) {
-                const float *p = scores + (h * G + g) * Lp;
-                float *o = out + (d * Hq + (h0 + h) * G + g) * Dh;
-                /* a constant count of 8 accumulators keeps them in registers (a variable count spilled
-                   them to the stack, a store and reload per token; the pass waits on memory either way,
-                   so this saves instructions rather than time: measured equal) */
-                int64_t c0 = 0;
-                for (; c0 + 8 <= C; c0 += 8) {
-                    v8 acc[8] = {{0}};
-                    for (int64_t b = b0; b < nblk; b++) {
-                        const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
-                        const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                        for (int64_t j = 0; j < n; j++) {
-                            const float pt = p[b * B + j];
-                            const int64_t v = vb + j * token_stride;
-                            for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
-                        }
-                    }
-                    for (int c = 0; c < 8; c++) memcpy(o + 8 * (c0 + c), &acc[c], 32);
-                }
-                for (; c0 < C; c0++) {  /* head sizes not a multiple of 64: the last chunks one at a time */
-                    v8 acc = {0};
-                    for (int64_t b = b0; b < nblk; b++) {
-                        const int64_t vb = table[b] * block_stride + (h0 + h) * Dh + 8 * c0;
-                        const int64_t n = (b + 1) * B <= L ? B : L - b * B;
-                        for (int64_t j = 0; j < n; j++) acc += p[b * B + j] * kv_load8(v_cache, vb + j * token_stride, half);
-                    }
-                    memcpy(o + 8 * c0, &acc, 32);
-                }
+    for (int64_t u = 0; u < units; u++) {
+        int64_t d = 0;
+        while (first_unit[d + 1] <= u) d++;
+        const int64_t L = context_lens[d], k = u - first_unit[d], whole = first_unit[d + 1] - first_unit[d] == 1;
+        const attn_span s = attn_span_of(L, B, window);
+        const int64_t bb = s.b0 + k * chunk, be = bb + chunk < s.nblk ? bb + chunk : s.nblk;
+        const int64_t t0 = bb * B > s.lo ? bb * B : s.lo, t1 = be * B < L ? be * B : L;
+        float *mlo = whole ? own : parts + u * part;
+        attention_unit(q + d * q_stride, k_cache, v_cache, block_tables + d * table_stride, t0, t1, bb, be, Hq,
+                       Hkv, Dh, B, scale, softcap, scores, Tp, mlo, mlo + Hq, mlo + 2 * Hq, half);
+        if (whole)
+            for (int64_t r = 0; r < Hq; r++) {
+                const v8 inv = splat8(1.0f / mlo[Hq + r]);
+                for (int64_t c = 0; c < Dh; c += 8) store8(out + (d * Hq + r) * Dh + c, load8(mlo + 2 * Hq + r * Dh + c) * inv);
             }
     }
+    if (units > D) {
+        /* out[d, r] = sum_u w_u o_u[r] / sum_u w_u l_u[r], w_u = exp(m_u[r] - max_u m_u[r]), units in order */
+        #pragma omp for schedule(static)
+        for (int64_t dr = 0; dr < D * Hq; dr++) {
+            const int64_t d = dr / Hq, r = dr % Hq, u0 = first_unit[d], u1 = first_unit[d + 1];
+            if (u1 - u0 == 1) continue;  /* finished above */
+            float mx = parts[u0 * part + r];
+            for (int64_t u = u0 + 1; u < u1; u++) mx = parts[u * part + r] > mx ? parts[u * part + r] : mx;
+            float lsum = 0.f;
+            v8 acc[16];
+            float *dst = out + dr * Dh;
+            for (int64_t c0 = 0; c0 < Dh; c0 += 128) {
+                const int64_t nc = Dh - c0 < 128 ? (Dh - c0) / 8 : 16;
+                for (int64_t c = 0; c < nc; c++) acc[c] = splat8(0.f);
+                for (int64_t u = u0; u < u1; u++) {
+                    const float *pu = parts + u * part;
+                    const float w = expf(pu[r] - mx);
+                    if (c0 == 0) lsum += w * pu[Hq + r];
+                    const v8 wv = splat8(w);
+                    for (int64_t c = 0; c < nc; c++) acc[c] += wv * load8(pu + 2 * Hq + r * Dh + c0 + 8 * c);
+                }
+                const v8 inv = splat8(1.0f / lsum);
+                for (int64_t c = 0; c < nc; c++) store8(dst + c0 + 8 * c, acc[c] * inv);
+            }
+        }
+        #pragma omp single nowait
+        free(parts);  /* after the combine's barrier: every thread is done with it */
+    }
+    free(first_unit);
     free(scores);
+    free(own);
 }
 
 static inline __attribute__((always_inline)) void paged_decode_attention(

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanoserve import platform
+
 TILE_ROWS = 8
 CHUNK = 32
 SUPPORTED_BITS = (4, 8)
@@ -104,7 +106,10 @@ class PackedShape:
 
 
 def allocate(shape: PackedShape, device: torch.device | str | None = None) -> torch.Tensor:
-    """A zeroed buffer for ``shape`` (padding rows stay zero: scale 0, so they produce 0)."""
+    """A zeroed buffer for ``shape`` (padding rows stay zero: scale 0, so they produce 0); on the host, in huge
+    pages where it can be (decode streams it whole every step; see ``platform.host_zeros``)."""
+    if device is None or torch.device(device).type == "cpu":
+        return platform.host_zeros(shape.nbytes)
     return torch.zeros(shape.nbytes, dtype=torch.uint8, device=device)
 
 

@@ -11,6 +11,7 @@ import torch
 from nanoserve.layers import attention, native
 from nanoserve.layers.norm import GemmaRMSNorm
 from nanoserve.layers.rotary import RotaryEmbedding, rope_layer_types
+from tests.unit.test_native_kernels import reference_decode
 
 
 def gen(seed: int) -> torch.Generator:
@@ -35,24 +36,6 @@ def paged_case(seed: int, heads: int, kv_heads: int, head_dim: int, block_size: 
     qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g) * 2.0
     q = qkv[:, : heads * head_dim].view(len(lens), heads, head_dim)
     return q, kv_cache, tables, torch.tensor(lens)
-
-
-def reference_decode(q, kv_cache, tables, lens, scale: float, window: int, softcap: float) -> torch.Tensor:
-    """float64: softmax(c * tanh(scale * q.k / c)) v over each sequence's last ``window`` keys (all for 0)."""
-    _, _, block_size, kv_heads, head_dim = kv_cache.shape
-    out = torch.empty_like(q)
-    group = q.shape[1] // kv_heads
-    for d in range(q.shape[0]):
-        n = int(lens[d])
-        pos = torch.arange(max(0, n - window) if window else 0, n)
-        slots = tables[d][pos // block_size] * block_size + pos % block_size
-        k = kv_cache[0].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
-        v = kv_cache[1].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
-        scores = torch.einsum("hd,lhd->hl", q[d].double(), k) * scale
-        if softcap:
-            scores = torch.tanh(scores / softcap) * softcap
-        out[d] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).float()
-    return out
 
 
 @pytest.mark.parametrize("window", [0, 8])

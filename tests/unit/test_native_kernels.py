@@ -123,19 +123,22 @@ def test_silu_mul(lib, tokens: int, inter: int) -> None:
     torch.testing.assert_close(native.silu_mul(lib, gate_up), F.silu(gate) * up, rtol=1e-5, atol=1e-5)
 
 
-def reference_decode(q, kv_cache, tables, lens, scale):
-    """Dense float64 attention of each sequence's one query over its cached tokens."""
+def reference_decode(q, kv_cache, tables, lens, scale: float, window: int = 0, softcap: float = 0.0) -> torch.Tensor:
+    """Dense float64 attention of each sequence's one query over its cached tokens: softmax(c * tanh(scale *
+    q.k / c)) v (no tanh for c = 0) over the last ``window`` keys (all for 0)."""
     _, _, block_size, kv_heads, head_dim = kv_cache.shape
     out = torch.empty_like(q)
     group = q.shape[1] // kv_heads
     for d in range(q.shape[0]):
         n = int(lens[d])
-        pos = torch.arange(n)
+        pos = torch.arange(max(0, n - window) if window else 0, n)
         slots = tables[d][pos // block_size] * block_size + pos % block_size
         k = kv_cache[0].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
         v = kv_cache[1].reshape(-1, kv_heads, head_dim)[slots].double().repeat_interleave(group, 1)
-        weights = (torch.einsum("hd,lhd->hl", q[d].double(), k) * scale).softmax(-1)
-        out[d] = torch.einsum("hl,lhd->hd", weights, v).float()
+        scores = torch.einsum("hd,lhd->hl", q[d].double(), k) * scale
+        if softcap:
+            scores = torch.tanh(scores / softcap) * softcap
+        out[d] = torch.einsum("hl,lhd->hd", scores.softmax(-1), v).float()
     return out
 
 
@@ -165,6 +168,46 @@ def test_paged_decode_attention(lib, heads, kv_heads, head_dim, block_size, num_
         out.fill_(float("nan"))  # a kernel that writes nothing must not pass on the float32 result
         native.paged_decode_attention(lib, q, half, tables, lens, scale, out)
         torch.testing.assert_close(out, reference_decode(q, half.float(), tables, lens, scale), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,block_size,lens,window,softcap",
+    [
+        (16, 8, 128, 16, [700], 0, 0.0),  # one long sequence: many units, combined
+        (8, 2, 96, 16, [1, 33, 1000, 64], 0, 0.0),  # a 64 + 32 head; short and long sequences together
+        (6, 3, 40, 5, [417, 2, 260], 100, 4.0),  # blocks of 5 (8-key groups cross them), a window mid-block
+        (4, 4, 32, 8, [1300], 37, 0.0),  # the window inside one unit of a long sequence
+    ],
+)
+def test_paged_decode_attention_over_long_contexts(lib, heads, kv_heads, head_dim, block_size, lens, window, softcap) -> None:
+    """Long contexts are split into units of whole blocks whose partial softmaxes are combined (see
+    paged_decode_attention_share): the result matches the dense reference, and is the same bit for bit on one
+    thread and on two (the split must not depend on the thread count: the C decode step runs on two threads
+    and the per-layer path it is tested against on one)."""
+    g = gen(sum(lens) + window)
+    lens_t = torch.tensor(lens)
+    max_blocks = -(-max(lens) // block_size)
+    num_blocks = max_blocks * len(lens) + 3
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g)
+    tables = torch.randperm(num_blocks, generator=g)[: max_blocks * len(lens)].view(len(lens), max_blocks)
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim, generator=g) * 2  # peaked softmaxes
+    q = qkv[:, : heads * head_dim].view(len(lens), heads, head_dim)
+    scale = head_dim**-0.5
+    caches = [kv_cache] + ([kv_cache.half()] if lib.kv_half else [])
+    for cache in caches:
+        want = reference_decode(q, cache.float(), tables, lens_t, scale, window, softcap)
+        outs = []
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)  # the kernels share torch's OpenMP runtime
+            try:
+                out = torch.full((len(lens), heads, head_dim), float("nan"))
+                native.paged_decode_attention(lib, q, cache, tables, lens_t, scale, out, window, softcap)
+            finally:
+                torch.set_num_threads(before)
+            outs.append(out)
+        torch.testing.assert_close(outs[0], want, rtol=1e-5, atol=2e-6)
+        assert torch.equal(outs[0], outs[1])
 
 
 def test_packed_linear_matches_dense_and_releases_the_dense_weight() -> None:
