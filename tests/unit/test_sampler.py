@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from nanoserve.engine.sequence import Sequence
-from nanoserve.layers.sampler import Sampler, _seed_for, _truncate
+from nanoserve.layers.sampler import Sampler, _seed_for, _truncate, argmax_rows
 from nanoserve.sampling_params import SamplingParams
 
 EOS = 0
@@ -402,3 +402,16 @@ def test_min_tokens_with_a_stop_id_outside_the_vocabulary() -> None:
 def test_non_finite_numbers_are_refused_naming_the_field(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=rf"^SamplingParams\.{field}: must be a finite number, got "):
         SamplingParams(**{field: value})
+
+
+def test_argmax_rows_is_argmax_first_of_ties_and_nan() -> None:
+    """The greedy pick equals torch.argmax (transformers' greedy search) on ties, NaN and rows of many equal
+    values; a faster reduction must not change which token wins."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 3, (64, 151936), generator=g).float()  # every row: many-way ties for the maximum
+    x[0] = 0.0
+    x[1, 10], x[1, 90000] = 5.0, 5.0
+    x[2, 7], x[2, 9] = float("nan"), float("nan")
+    x[3, -1] = 9.0
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert argmax_rows(x)[:4].tolist() == [0, 10, 7, 151935]
