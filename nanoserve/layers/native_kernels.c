@@ -293,13 +293,16 @@ static inline attn_span attn_span_of(int64_t L, int64_t B, int64_t window) {
 }
 
 static int64_t attn_chunk_blocks(const int64_t *context_lens, int64_t D, int64_t B, int64_t window) {
-    int64_t total = 0;
+    int64_t total = 0, longest = 1;
     for (int64_t d = 0; d < D; d++) {
         const attn_span s = attn_span_of(context_lens[d], B, window);
         total += s.nblk - s.b0;
+        longest = s.nblk - s.b0 > longest ? s.nblk - s.b0 : longest;
     }
-    const int64_t per_unit = (total + ATTN_TARGET_UNITS - 1) / ATTN_TARGET_UNITS;
-    return per_unit > ATTN_MIN_CHUNK_BLOCKS ? per_unit : ATTN_MIN_CHUNK_BLOCKS;
+    int64_t per_unit = (total + ATTN_TARGET_UNITS - 1) / ATTN_TARGET_UNITS;
+    per_unit = per_unit > ATTN_MIN_CHUNK_BLOCKS ? per_unit : ATTN_MIN_CHUNK_BLOCKS;
+    /* never longer than the longest sequence (many short ones: the scores scratch is sized by the chunk) */
+    return per_unit < longest ? per_unit : longest;
 }
 
 /* Prefetch into L1 `n` rows of `bytes` bytes each, `stride` bytes apart, from p. */
@@ -369,10 +372,10 @@ static inline __attribute__((always_inline)) void attention_unit(
             for (int64_t i = 0; i < n; i++) s[i] = tanhf(s[i] / softcap) * softcap;
         float mx = s[0];
         for (int64_t i = 1; i < n; i++) mx = s[i] > mx ? s[i] : mx;
-        for (int64_t i = n; i < Tp; i++) s[i] = mx;
+        const int64_t full = n & ~(int64_t)7, padded = (n + 7) & ~(int64_t)7;
+        for (int64_t i = n; i < padded; i++) s[i] = mx;
         v8 vsum = {0};
-        const int64_t full = n & ~(int64_t)7;
-        for (int64_t i = 0; i < Tp; i += 8) {
+        for (int64_t i = 0; i < padded; i += 8) {
             v8 e = exp8(load8(s + i) - mx);
             if (i >= full)
                 for (int64_t ii = 0; ii < 8; ii++) e[ii] = i + ii < n ? e[ii] : 0.f;
