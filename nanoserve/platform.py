@@ -104,9 +104,9 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 def host_zeros(nbytes: int) -> torch.Tensor:
     """A zeroed uint8 CPU buffer of ``nbytes`` whose whole 2 MiB stretches are backed by transparent huge pages
     where the kernel allows it (``madvise`` mode included). Batch-1 decode streams every weight once a step:
-    with 4 KiB pages a step walks ~150,000 page-table entries for Qwen3-0.6B at int8, and the hardware
-    prefetcher restarts at every 4 KiB boundary (measured on 2 Sapphire Rapids threads, all 113 int8
-    projections of Qwen3-0.6B: 25.3 -> 28.1 GB/s; decode 34.3 -> 37.5 tok/s).
+    with 4 KiB pages a step walks ~150,000 page-table entries for Qwen3-0.6B at int8 (measured on 2 Sapphire
+    Rapids threads, all 113 int8 projections of Qwen3-0.6B back to back, two alternating rounds: 24.1 / 25.1
+    -> 27.5 / 28.2 GB/s; ``bench latency`` decode 35.6 -> 38.5 tok/s).
 
     Only the aligned interior is advised, before anything touches it, so resident memory stays the buffer's
     size: the slack before it is never touched and its tail keeps small pages. Elsewhere (not Linux, THP
