@@ -15,6 +15,8 @@ For each model shape (random weights, built once into ``--cache-dir``):
   * with ``--nanoserve-quantizations`` / ``--nanoserve-activations``: nanoserve's three runs again for each
     quantized mode (``--quantization MODE [--quantization-activations ACT]``; fp32 weights run with fp32
     activations only);
+  * with ``--nanoserve-kv-cache-dtype float16``: nanoserve's KV cache in float16, as llama.cpp's default f16
+    cache (the default, auto, keeps it in the model's float32);
   * with ``--llama-cpp SRC``: llama.cpp's batch-1 figures per GGUF type (``peer_llamacpp.py``: prefill of a
     128-token prompt, decode of 128 tokens after a 128-token context), in an "equal bits" table beside
     nanoserve's modes: fp32 / f32, int8 / q8_0, int4 / q4_0, each with the ratio nanoserve / llama.cpp.
@@ -174,7 +176,7 @@ def run_shape(shape: str, args: argparse.Namespace, roof: roofline.Roofline) -> 
 
     py = sys.executable
     ns = [py, "-m", "nanoserve.cli", "bench"]
-    ns_opts = ["--kv-cache-memory", KV_BUDGET[shape], "--max-model-len", "2048"]
+    ns_opts = ["--kv-cache-memory", KV_BUDGET[shape], "--max-model-len", "2048", "--kv-cache-dtype", args.nanoserve_kv_cache_dtype]
     t = args.timeout
     print(f"[{shape}] {model}", flush=True)
     for engine, quant, act in nanoserve_modes(args.nanoserve_quantizations, args.nanoserve_activations):
@@ -442,6 +444,8 @@ def main() -> None:
                         help=f"nanoserve weight modes to run, comma-separated: {', '.join(EQUAL_BITS)}")  # fmt: skip
     parser.add_argument("--nanoserve-activations", default="fp32",
                         help=f"activation modes of each quantized weight mode: {', '.join(ACTIVATIONS)}")  # fmt: skip
+    parser.add_argument("--nanoserve-kv-cache-dtype", default="auto", choices=("auto", "float16"),
+                        help="nanoserve's --kv-cache-dtype in every run (llama.cpp's cache is f16 by default)")  # fmt: skip
     parser.add_argument("--llama-cpp", type=Path, default=None,
                         help="llama.cpp source tree: build it if needed and run it as a peer (default: skip)")  # fmt: skip
     parser.add_argument("--llama-cpp-types", default="f32,q8_0,q4_0",
@@ -470,6 +474,7 @@ def main() -> None:
     args.engines = [e.strip() for e in args.engines.split(",")]
 
     print(f"load average at start: {open('/proc/loadavg').read().strip() if os.path.exists('/proc/loadavg') else '?'}")
+    print(f"nanoserve KV cache: {args.nanoserve_kv_cache_dtype}")
     roof = roofline.measure(repeat=3)
     reports = [run_shape(s.strip(), args, roof) for s in args.shapes.split(",")]
     text = format_report(reports, roof)

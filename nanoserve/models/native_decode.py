@@ -88,11 +88,10 @@ def _describe_linear(module: LinearBase) -> tuple[_Linear, int] | None:
 class NativeDecode:
     """The C description of one model, valid while its weights and KV caches stay where they are."""
 
-    def __init__(self, model: _Model, layers: Any, max_rows: int, caches: tuple, fn: Any, keep: list) -> None:
+    def __init__(self, model: _Model, layers: Any, max_rows: int, fn: Any, keep: list) -> None:
         self.model = model
         self.layers = layers  # the ctypes array the model points into
         self.max_rows = max_rows
-        self.caches = caches  # cache_key() of the caches it was built for
         self.fn = fn
         self._keep = keep  # tensors whose addresses the description holds
         self.steps_run = 0
@@ -118,12 +117,6 @@ class NativeDecode:
 
 def enabled() -> bool:
     return os.environ.get(NATIVE_DECODE_ENV, "1").lower() not in ("0", "false", "off")
-
-
-def cache_key(decoder: Any) -> tuple[tuple[int, int], ...]:
-    """Where the KV caches are and how large (a cache reallocated at the same address with another block count
-    moves its V half)."""
-    return tuple((layer.self_attn.attn.kv_cache.data_ptr(), layer.self_attn.attn.kv_cache.numel()) for layer in decoder.layers)
 
 
 def plan_native_decode(decoder: Any) -> NativeDecode | None:
@@ -177,4 +170,4 @@ def plan_native_decode(decoder: Any) -> NativeDecode | None:
         int(attn0.attn.kv_cache.dtype == torch.float16),
     )  # fmt: skip
     keep += [rotary.cos, rotary.sin]
-    return NativeDecode(model, layers, max_rows, cache_key(decoder), _declare(lib), keep)
+    return NativeDecode(model, layers, max_rows, _declare(lib), keep)

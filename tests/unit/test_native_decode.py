@@ -157,3 +157,25 @@ def test_many_rows_identical_to_the_layer_path(
         results.append([(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs]) for o in outs])
     assert len({t for seq, _ in results[1] for t in seq}) >= 8  # the comparison is not blind
     assert results[0] == results[1]
+
+
+def test_rebound_caches_get_a_new_plan(checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The plan holds the caches' addresses: after the runner binds new cache tensors (another block count, so
+    the V halves move too) the next decode step plans again, and its outputs are those of a fresh engine."""
+    monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1")
+    prompt = [{"prompt_token_ids": PROMPTS[2]}]
+    # No prefix cache: the new tensors hold none of what the old ones cached.
+    with _threads(2), LLM(str(checkpoints["qwen3"]), **{**ENGINE, "enable_prefix_caching": False}) as llm:
+        runner = llm.engine.executor.runner
+        want = llm.generate(prompt, SAMPLING, use_tqdm=False)[0].outputs[0].token_ids
+        first = runner.model.model.native_decode
+        assert first is not None and first.steps_run >= 10
+        runner.allocate_kv_cache(runner.num_blocks - 3)  # the scheduler's blocks stay valid: fewer ids, none new
+        got = llm.generate(prompt, SAMPLING, use_tqdm=False)[0].outputs[0].token_ids
+        plan = runner.model.model.native_decode
+        assert plan is not first and plan.steps_run >= 10
+        caches = [layer.self_attn.attn.kv_cache for layer in runner.model.model.layers]
+        assert [(d.k_cache, d.v_cache) for d in plan.layers] == [
+            (c.data_ptr(), c.data_ptr() + c[0].numel() * c.element_size()) for c in caches
+        ]
+        assert got == want
