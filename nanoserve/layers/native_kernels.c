@@ -250,6 +250,16 @@ void apply_token_bitmask_f32(float *logits, int64_t ls, const int64_t *row, int6
     }
 }
 
+/* Query heads sharing a KV head (grouped-query attention) are taken two at a time where the vector unit has 32
+   registers (AVX-512VL: 16 accumulators, the pair's query or weights, and the cache row in registers), so each
+   cached key and value is loaded (and widened, for a float16 cache) once for both. Each head's sums are added
+   in the same order either way, so the results are the same bit for bit. */
+#if defined(__AVX512VL__)
+#define ATTN_PAIRS 1
+#else
+#define ATTN_PAIRS 0
+#endif
+
 /* Eight cache values from element offset i of a float32 (half == 0) or float16 (half == 1) cache. */
 static inline __attribute__((always_inline)) v8 kv_load8(const void *cache, int64_t i, int half) {
     return half ? load8h((const uint16_t *)cache + i) : load8((const float *)cache + i);
@@ -340,7 +350,25 @@ static inline __attribute__((always_inline)) void attention_unit(
             const int64_t i = b * B + j - t0;
             for (int64_t h = 0; h < Hkv; h++) {
                 if (next >= 0) prefetch_rows(kc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
-                for (int64_t g = 0; g < G; g++) {
+                int64_t g = 0;
+#if ATTN_PAIRS
+                for (; g + 2 <= G; g += 2) {
+                    const float *qa = qd + (h * G + g) * Dh, *qb = qa + Dh;
+                    const int64_t k = base + j * token_stride + h * Dh;
+                    v8 acc_a[8] = {{0}}, acc_b[8] = {{0}};
+                    for (int64_t c = 0; c < Dh; c += 8) {
+                        const v8 qca = load8(qa + c), qcb = load8(qb + c);
+                        for (int jj = 0; jj < 8; jj++) {
+                            const v8 kv = kv_load8(k_cache, k + jj * token_stride + c, half);
+                            acc_a[jj] += qca * kv;
+                            acc_b[jj] += qcb * kv;
+                        }
+                    }
+                    store8(scores + (h * G + g) * Tp + i, hsum8x8(acc_a) * scale);
+                    store8(scores + (h * G + g + 1) * Tp + i, hsum8x8(acc_b) * scale);
+                }
+#endif
+                for (; g < G; g++) {
                     const float *qr = qd + (h * G + g) * Dh;
                     const int64_t k = base + j * token_stride + h * Dh;
                     v8 acc[8] = {{0}};
@@ -395,7 +423,29 @@ static inline __attribute__((always_inline)) void attention_unit(
             const int64_t next = nj == 8 ? attn_next_group(table, b, j, be, B, block_stride, token_stride) : -1;
             for (int64_t h = 0; h < Hkv; h++) {
                 if (next >= 0) prefetch_rows(vc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
-                for (int64_t g = 0; g < G; g++) {
+                int64_t g = 0;
+#if ATTN_PAIRS
+                for (; g + 2 <= G && Dh % 64 == 0; g += 2) {
+                    const float *pa = scores + (h * G + g) * Tp + i, *pb = pa + Tp;
+                    float *oa = o + (h * G + g) * Dh, *ob = oa + Dh;
+                    const int64_t vb = base + j * token_stride + h * Dh;
+                    for (int64_t c0 = 0; c0 < Dh; c0 += 64) {
+                        v8 acc_a[8], acc_b[8];
+                        for (int c = 0; c < 8; c++) acc_a[c] = load8(oa + c0 + 8 * c), acc_b[c] = load8(ob + c0 + 8 * c);
+                        for (int64_t jj = 0; jj < nj; jj++) {
+                            const float ta = pa[jj], tb = pb[jj];
+                            const int64_t v = vb + jj * token_stride + c0;
+                            for (int c = 0; c < 8; c++) {
+                                const v8 vv = kv_load8(v_cache, v + 8 * c, half);
+                                acc_a[c] += ta * vv;
+                                acc_b[c] += tb * vv;
+                            }
+                        }
+                        for (int c = 0; c < 8; c++) store8(oa + c0 + 8 * c, acc_a[c]), store8(ob + c0 + 8 * c, acc_b[c]);
+                    }
+                }
+#endif
+                for (; g < G; g++) {
                     const float *p = scores + (h * G + g) * Tp + i;
                     float *orow = o + (h * G + g) * Dh;
                     const int64_t vb = base + j * token_stride + h * Dh;

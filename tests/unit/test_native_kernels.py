@@ -210,6 +210,36 @@ def test_paged_decode_attention_over_long_contexts(lib, heads, kv_heads, head_di
         assert torch.equal(outs[0], outs[1])
 
 
+def test_paired_query_heads_are_bit_identical_to_one_at_a_time(lib, tmp_path) -> None:
+    """Where the build has 32 vector registers (AVX-512VL), attention takes the query heads of a KV head two at
+    a time, loading each cached key and value once for both; each head's sums keep their order, so the output is
+    that of an AVX2 build (one head at a time) bit for bit: groups of 1-4 heads, head sizes that are and are not
+    multiples of 64, both cache types."""
+    import ctypes
+
+    flags = native._cpu_flags()
+    if "avx512vl" not in flags or not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("the pairs exist only in AVX-512VL builds, and the AVX2 build must run here to compare")
+    target = tmp_path / "nanoserve_kernels_avx2.so"
+    native._compile(native._compiler(), native._FLAGS + ["-mavx2", "-mfma", "-mf16c"], target)
+    avx2 = ctypes.CDLL(str(target))
+    native._declare(avx2)
+    avx2.kv_half = bool(avx2.kv_half_supported())
+    g = gen(5)
+    for heads, kv_heads, head_dim in ((16, 8, 128), (9, 3, 64), (8, 2, 96), (4, 4, 32), (12, 3, 128)):
+        lens = torch.tensor([1, 40, 301])
+        kv_cache = torch.randn(2, 64, 16, kv_heads, head_dim, generator=g)
+        tables = torch.randperm(64, generator=g)[:60].view(3, 20)
+        q = torch.randn(3, heads, head_dim, generator=g)
+        for cache in (kv_cache, kv_cache.half()):
+            outs = []
+            for kernels in (lib, avx2):
+                out = torch.full((3, heads, head_dim), float("nan"))
+                native.paged_decode_attention(kernels, q, cache, tables, lens, head_dim**-0.5, out)
+                outs.append(out)
+            assert torch.equal(outs[0], outs[1]), (heads, kv_heads, head_dim, cache.dtype)
+
+
 def test_packed_linear_matches_dense_and_releases_the_dense_weight() -> None:
     g = gen(7)
     layer = ReplicatedLinear(96, 200, bias=True, dtype=torch.float32)
