@@ -329,6 +329,48 @@ static inline int64_t attn_next_group(const int64_t *table, int64_t b, int64_t j
     return b + 1 < be ? table[b + 1] * block_stride : -1;
 }
 
+/* The scores of np query heads (rows Dh apart from q; np 1 or 2, a constant where inlined) against the 8
+   keys at element offset k (rows token_stride apart): scores rows Tp apart. Each cached key is loaded once
+   for the np heads; each head's sum is the same however many share the load. */
+static inline __attribute__((always_inline)) void attn_scores8(
+    const float *q, int np, const void *k_cache, int64_t k, int64_t token_stride, int64_t Dh, float scale,
+    float *scores, int64_t Tp, const int half)
+{
+    v8 acc[2][8] = {{{0}}};
+    for (int64_t c = 0; c < Dh; c += 8) {
+        v8 qc[2];
+        for (int p = 0; p < np; p++) qc[p] = load8(q + p * Dh + c);
+        for (int jj = 0; jj < 8; jj++) {
+            const v8 kv = kv_load8(k_cache, k + jj * token_stride + c, half);
+            for (int p = 0; p < np; p++) acc[p][jj] += qc[p] * kv;
+        }
+    }
+    for (int p = 0; p < np; p++) store8(scores + p * Tp, hsum8x8(acc[p]) * scale);
+}
+
+/* o[p, c0 .. c0+63] += sum_jj w[p, jj] v_jj for np query heads (weights rows Tp apart, o rows Dh apart; np 1 or
+   2, a constant where inlined) over nj cached values at element offset v (rows token_stride apart): a constant
+   count of accumulators keeps them in registers, and each value is loaded once for the np heads. */
+static inline __attribute__((always_inline)) void attn_values64(
+    const float *w, int np, int64_t Tp, const void *v_cache, int64_t v, int64_t token_stride, int64_t nj,
+    float *o, int64_t Dh, int64_t c0, const int half)
+{
+    v8 acc[2][8];
+    for (int p = 0; p < np; p++)
+        for (int c = 0; c < 8; c++) acc[p][c] = load8(o + p * Dh + c0 + 8 * c);
+    for (int64_t jj = 0; jj < nj; jj++) {
+        float t[2];
+        for (int p = 0; p < np; p++) t[p] = w[p * Tp + jj];
+        const int64_t row = v + jj * token_stride + c0;
+        for (int c = 0; c < 8; c++) {
+            const v8 vv = kv_load8(v_cache, row + 8 * c, half);
+            for (int p = 0; p < np; p++) acc[p][c] += t[p] * vv;
+        }
+    }
+    for (int p = 0; p < np; p++)
+        for (int c = 0; c < 8; c++) store8(o + p * Dh + c0 + 8 * c, acc[p][c]);
+}
+
 /* One unit: heads of sequence d over its keys t0 .. t1-1 (blocks bb .. be-1). scores: [Hq, Tp] scratch, Tp a
    multiple of 8 >= t1 - t0. Leaves, per query head r, m[r] = the largest score, l[r] = sum of exp(score -
    m[r]) and o[r, :] = the sum of exp(score - m[r]) v (unnormalised). */
@@ -350,34 +392,12 @@ static inline __attribute__((always_inline)) void attention_unit(
             const int64_t i = b * B + j - t0;
             for (int64_t h = 0; h < Hkv; h++) {
                 if (next >= 0) prefetch_rows(kc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
+                const int64_t k = base + j * token_stride + h * Dh;
                 int64_t g = 0;
-#if ATTN_PAIRS
-                for (; g + 2 <= G; g += 2) {
-                    const float *qa = qd + (h * G + g) * Dh, *qb = qa + Dh;
-                    const int64_t k = base + j * token_stride + h * Dh;
-                    v8 acc_a[8] = {{0}}, acc_b[8] = {{0}};
-                    for (int64_t c = 0; c < Dh; c += 8) {
-                        const v8 qca = load8(qa + c), qcb = load8(qb + c);
-                        for (int jj = 0; jj < 8; jj++) {
-                            const v8 kv = kv_load8(k_cache, k + jj * token_stride + c, half);
-                            acc_a[jj] += qca * kv;
-                            acc_b[jj] += qcb * kv;
-                        }
-                    }
-                    store8(scores + (h * G + g) * Tp + i, hsum8x8(acc_a) * scale);
-                    store8(scores + (h * G + g + 1) * Tp + i, hsum8x8(acc_b) * scale);
-                }
-#endif
-                for (; g < G; g++) {
-                    const float *qr = qd + (h * G + g) * Dh;
-                    const int64_t k = base + j * token_stride + h * Dh;
-                    v8 acc[8] = {{0}};
-                    for (int64_t c = 0; c < Dh; c += 8) {
-                        const v8 qc = load8(qr + c);
-                        for (int jj = 0; jj < 8; jj++) acc[jj] += qc * kv_load8(k_cache, k + jj * token_stride + c, half);
-                    }
-                    store8(scores + (h * G + g) * Tp + i, hsum8x8(acc) * scale);
-                }
+                for (; ATTN_PAIRS && g + 2 <= G; g += 2)
+                    attn_scores8(qd + (h * G + g) * Dh, 2, k_cache, k, token_stride, Dh, scale, scores + (h * G + g) * Tp + i, Tp, half);
+                for (; g < G; g++)
+                    attn_scores8(qd + (h * G + g) * Dh, 1, k_cache, k, token_stride, Dh, scale, scores + (h * G + g) * Tp + i, Tp, half);
             }
         }
         for (; j < j1; j++) {
@@ -423,44 +443,16 @@ static inline __attribute__((always_inline)) void attention_unit(
             const int64_t next = nj == 8 ? attn_next_group(table, b, j, be, B, block_stride, token_stride) : -1;
             for (int64_t h = 0; h < Hkv; h++) {
                 if (next >= 0) prefetch_rows(vc + (next + h * Dh) * esize, 8, token_stride * esize, Dh * esize);
+                const int64_t vb = base + j * token_stride + h * Dh;
                 int64_t g = 0;
-#if ATTN_PAIRS
-                for (; g + 2 <= G && Dh % 64 == 0; g += 2) {
-                    const float *pa = scores + (h * G + g) * Tp + i, *pb = pa + Tp;
-                    float *oa = o + (h * G + g) * Dh, *ob = oa + Dh;
-                    const int64_t vb = base + j * token_stride + h * Dh;
-                    for (int64_t c0 = 0; c0 < Dh; c0 += 64) {
-                        v8 acc_a[8], acc_b[8];
-                        for (int c = 0; c < 8; c++) acc_a[c] = load8(oa + c0 + 8 * c), acc_b[c] = load8(ob + c0 + 8 * c);
-                        for (int64_t jj = 0; jj < nj; jj++) {
-                            const float ta = pa[jj], tb = pb[jj];
-                            const int64_t v = vb + jj * token_stride + c0;
-                            for (int c = 0; c < 8; c++) {
-                                const v8 vv = kv_load8(v_cache, v + 8 * c, half);
-                                acc_a[c] += ta * vv;
-                                acc_b[c] += tb * vv;
-                            }
-                        }
-                        for (int c = 0; c < 8; c++) store8(oa + c0 + 8 * c, acc_a[c]), store8(ob + c0 + 8 * c, acc_b[c]);
-                    }
-                }
-#endif
+                for (; ATTN_PAIRS && g + 2 <= G && Dh % 64 == 0; g += 2)
+                    for (int64_t c0 = 0; c0 < Dh; c0 += 64)
+                        attn_values64(scores + (h * G + g) * Tp + i, 2, Tp, v_cache, vb, token_stride, nj, o + (h * G + g) * Dh, Dh, c0, half);
                 for (; g < G; g++) {
                     const float *p = scores + (h * G + g) * Tp + i;
                     float *orow = o + (h * G + g) * Dh;
-                    const int64_t vb = base + j * token_stride + h * Dh;
                     int64_t c0 = 0;
-                    /* a constant count of 8 accumulators keeps them in registers */
-                    for (; c0 + 64 <= Dh; c0 += 64) {
-                        v8 acc[8];
-                        for (int c = 0; c < 8; c++) acc[c] = load8(orow + c0 + 8 * c);
-                        for (int64_t jj = 0; jj < nj; jj++) {
-                            const float pt = p[jj];
-                            const int64_t v = vb + jj * token_stride + c0;
-                            for (int c = 0; c < 8; c++) acc[c] += pt * kv_load8(v_cache, v + 8 * c, half);
-                        }
-                        for (int c = 0; c < 8; c++) store8(orow + c0 + 8 * c, acc[c]);
-                    }
+                    for (; c0 + 64 <= Dh; c0 += 64) attn_values64(p, 1, Tp, v_cache, vb, token_stride, nj, orow, Dh, c0, half);
                     for (; c0 < Dh; c0 += 8) {  /* head sizes not a multiple of 64: the last values 8 at a time */
                         v8 acc = load8(orow + c0);
                         for (int64_t jj = 0; jj < nj; jj++) acc += p[jj] * kv_load8(v_cache, vb + jj * token_stride + c0, half);
