@@ -43,18 +43,35 @@ static inline const uint8_t *q_record(const uint8_t *w, const qshape *s, int64_t
 }
 
 /* Ask for the bytes Q_PREFETCH ahead of those about to be read: a thread streams its tiles in order, and at
-   batch 1 the hardware prefetcher alone leaves a decode step at ~half the machine's read bandwidth (each call
-   streams only a few MB per thread, too short for it to ramp up). Into L2 (locality 2), one line per line
-   read, rather than a burst into L1 for a whole record at its start (measured on 2 Sapphire Rapids threads,
-   0.6B-shaped weights from DRAM: int4 g128 17 -> 21 GB/s for the L2 hint, int8 24 -> 26 GB/s for one prefetch
-   per line; a plain 2-thread read of 1 GiB gets 25 GB/s without prefetch, 30 with one per line).
-   4 KiB ahead rather than 2: SmolLM2 int4 decode 210 -> 245-279 tok/s, Qwen3-0.6B 51 -> 56. */
+   batch 1 the hardware prefetcher alone leaves a decode step well below the machine's read bandwidth on some
+   CPUs (each call streams only a few MB per thread, too short for it to ramp up). Into L2 (locality 2), one
+   line per line read, rather than a burst into L1 for a whole record at its start. How far ahead depends on
+   the CPU, so the build may set the distances (native.py, _prefetch_flags):
+   * Sapphire Rapids, 2 threads, 0.6B-shaped weights from DRAM: int4 g128 17 -> 21 GB/s for the L2 hint,
+     int8 24 -> 26 GB/s for one prefetch per line; 4 KiB ahead rather than 2: SmolLM2 int4 decode 210 ->
+     245-279 tok/s, Qwen3-0.6B 51 -> 56. These are the defaults.
+   * Zen 4 (EPYC), 2 threads, Qwen3-0.6B C decode step, libraries alternated step by step in one process:
+     4 KiB ahead is the worst distance there (int4 a8 13.9 ms a step, int8 a8 16.6); 1 KiB gives 9.8 and
+     14.3. The float-activation kernels (Q_PREFETCH_F32) are best with no software prefetch at all (int4
+     17.0 -> 14.3 ms, int8 17.7 -> 17.4; 1 KiB: 14.1 and 19.1). 0 turns a distance off. */
+#ifndef Q_PREFETCH
 #define Q_PREFETCH 4096
+#endif
+#ifndef Q_PREFETCH_F32
+#define Q_PREFETCH_F32 4096
+#endif
 static inline void q_prefetch_record(const uint8_t *rec, const qshape *s) {
+    if (Q_PREFETCH == 0) return;
     for (int64_t off = 0; off < s->record; off += 64) __builtin_prefetch(rec + Q_PREFETCH + off, 0, 2);
 }
 /* The same for the 64 bytes at p, issued beside their load (one row of x reads the codes once, in order). */
-static inline void q_prefetch_line(const uint8_t *p) { __builtin_prefetch(p + Q_PREFETCH, 0, 2); }
+static inline void q_prefetch_line(const uint8_t *p) {
+    if (Q_PREFETCH != 0) __builtin_prefetch(p + Q_PREFETCH, 0, 2);
+}
+/* The same, in the float-activation kernels. */
+static inline void q_prefetch_line_f32(const uint8_t *p) {
+    if (Q_PREFETCH_F32 != 0) __builtin_prefetch(p + Q_PREFETCH_F32, 0, 2);
+}
 
 /* Store the 8 lanes of a tile's result for one row of x, dropping padding rows past N. */
 static inline void q_store_tile(float *y, const float *v, int64_t n0, int64_t N, const float *bias) {
@@ -96,8 +113,8 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
             const __m512 xa = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c)), _mm256_loadu_ps(x + c + 16), 1);
             const __m512 xb = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(x + c + 8)), _mm256_loadu_ps(x + c + 24), 1);
             if (prefetch) {
-                q_prefetch_line(codes + q_code_offset(4, 0, c));
-                q_prefetch_line(codes + q_code_offset(4, 4, c));
+                q_prefetch_line_f32(codes + q_code_offset(4, 0, c));
+                q_prefetch_line_f32(codes + q_code_offset(4, 4, c));
             }
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
@@ -110,7 +127,7 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m512 xv = _mm512_loadu_ps(x + c);
             if (prefetch && c % QCHUNK == 0)  /* a chunk's 8 rows: 256 bytes */
-                for (int r = 0; r < QT; r += 2) q_prefetch_line(codes + q_code_offset(8, r, c));
+                for (int r = 0; r < QT; r += 2) q_prefetch_line_f32(codes + q_code_offset(8, r, c));
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
                 const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + q_code_offset(8, r, c))));
@@ -133,8 +150,8 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
             if (prefetch && c % QCHUNK == 0) {  /* a chunk's 8 rows: 128 bytes */
-                q_prefetch_line(codes + q_code_offset(4, 0, c));
-                q_prefetch_line(codes + q_code_offset(4, 4, c));
+                q_prefetch_line_f32(codes + q_code_offset(4, 0, c));
+                q_prefetch_line_f32(codes + q_code_offset(4, 4, c));
             }
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
@@ -147,7 +164,7 @@ static inline __m256 q_group_dot_f32(const uint8_t *codes, const qshape *s, cons
         for (int64_t c = 0; c < s->G; c += 16) {
             const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
             if (prefetch && c % QCHUNK == 0)
-                for (int r = 0; r < QT; r += 2) q_prefetch_line(codes + q_code_offset(8, r, c));
+                for (int r = 0; r < QT; r += 2) q_prefetch_line_f32(codes + q_code_offset(8, r, c));
             #pragma GCC unroll 8
             for (int r = 0; r < QT; r++) {
                 const int8_t *p = (const int8_t *)codes + q_code_offset(8, r, c);

@@ -193,6 +193,28 @@ def test_the_avx2_build_matches_reference(lib, tmp_path, vnni: bool) -> None:
             assert_matches(got, reference(x, buf, shape, bias, int8), term_scale(x, buf, shape, bias), what)
 
 
+@pytest.mark.parametrize("prefetch", [[], ["-DQ_PREFETCH=1024", "-DQ_PREFETCH_F32=0"], ["-DQ_PREFETCH=0"]],
+                         ids=["intel-distances", "amd-distances", "off"])
+def test_prefetch_distances_leave_results_unchanged(lib, tmp_path, prefetch: list[str]) -> None:
+    """The per-vendor prefetch distances (native._prefetch_flags) only move loads earlier: a build with each
+    gives this machine's build's outputs bit for bit, on every kernel path (one and several rows, both bits,
+    both activation types)."""
+    arch = [f for f in native._arch_flags() if not f.startswith("-DQ_PREFETCH")]
+    target = tmp_path / "nanoserve_kernels_prefetch.so"
+    native._compile(native._compiler(), native._FLAGS + arch + prefetch, target)
+    other = ctypes.CDLL(str(target))
+    native._declare(other)
+    for i, (bits, asymmetric, group_size, int8) in enumerate(
+        itertools.product(BITS, (False, True), (32, 128, -1), (False, True))
+    ):
+        shape, buf = random_weight(45, 512 if group_size > 0 else 200, bits, group_size, asymmetric, seed=300 + i)
+        for m in (1, 3, 9, 20):
+            x = random_x(m, shape.in_features, seed=400 + i + m, int8_activations=int8)
+            want = native.q_linear(lib, x, buf, shape, None, int8)
+            got = native.q_linear(other, x, buf, shape, None, int8)
+            assert torch.equal(got, want), f"int{bits} asym={asymmetric} group {group_size} int8={int8} M={m}"
+
+
 # ------------------------------------------------------------------------------------------ q_linear
 
 
