@@ -67,11 +67,13 @@ def _arch_flags() -> list[str]:
 
 
 def _prefetch_flags() -> list[str]:
-    # How far ahead the low-bit kernels ask for weights (quant_kernels.c, Q_PREFETCH): the C defaults were
-    # measured on Intel (Sapphire Rapids); on AMD (Zen 4) 4 KiB ahead was the worst distance measured and
-    # 1 KiB the best, and the float-activation kernels ran fastest on the hardware prefetcher alone.
+    # How far ahead the low-bit kernels ask for weights (quant_kernels.c, Q_PREFETCH), and into which cache
+    # decode attention asks for the next keys and values (native_kernels.c): the C defaults were measured on
+    # Intel (Sapphire Rapids); on AMD (Zen 4) 4 KiB ahead was the worst distance measured and 1 KiB the best,
+    # the float-activation kernels ran fastest on the hardware prefetcher alone, and attention a few % faster
+    # prefetching into L2 than into L1.
     if _cpu_vendor() == "AuthenticAMD":
-        return ["-DQ_PREFETCH=1024", "-DQ_PREFETCH_F32=0"]
+        return ["-DQ_PREFETCH=1024", "-DQ_PREFETCH_F32=0", "-DATTN_PREFETCH_LOCALITY=2"]
     return []
 
 

@@ -315,10 +315,16 @@ static int64_t attn_chunk_blocks(const int64_t *context_lens, int64_t D, int64_t
     return per_unit < longest ? per_unit : longest;
 }
 
-/* Prefetch into L1 `n` rows of `bytes` bytes each, `stride` bytes apart, from p. */
+/* Prefetch `n` rows of `bytes` bytes each, `stride` bytes apart, from p: into L1 by default; into L2 where the
+   build sets ATTN_PREFETCH_LOCALITY 2 (native.py, on AMD: Zen 4, the C decode step with the two builds
+   alternated in one process, three rounds, Qwen3-0.6B int8 a8 -1.7 to -4.7 %, int4 a8 0 to -4.8 %, SmolLM2-135M
+   -2.6 / -4.1 %). */
+#ifndef ATTN_PREFETCH_LOCALITY
+#define ATTN_PREFETCH_LOCALITY 3
+#endif
 static inline void prefetch_rows(const char *p, int64_t n, int64_t stride, int64_t bytes) {
     for (int64_t j = 0; j < n; j++)
-        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + j * stride + off, 0, 3);
+        for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + j * stride + off, 0, ATTN_PREFETCH_LOCALITY);
 }
 
 /* Where the 8-token group after the one at (block b, row j) starts, as an element offset into a cache half;

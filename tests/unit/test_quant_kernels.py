@@ -199,7 +199,7 @@ def test_prefetch_distances_leave_results_unchanged(lib, tmp_path, prefetch: lis
     """The per-vendor prefetch distances (native._prefetch_flags) only move loads earlier: a build with each
     gives this machine's build's outputs bit for bit, on every kernel path (one and several rows, both bits,
     both activation types)."""
-    arch = [f for f in native._arch_flags() if not f.startswith("-DQ_PREFETCH")]
+    arch = [f for f in native._arch_flags() if not f.startswith(("-DQ_PREFETCH", "-DATTN_PREFETCH"))]
     target = tmp_path / "nanoserve_kernels_prefetch.so"
     native._compile(native._compiler(), native._FLAGS + arch + prefetch, target)
     other = ctypes.CDLL(str(target))
