@@ -317,7 +317,7 @@ static int64_t attn_chunk_blocks(const int64_t *context_lens, int64_t D, int64_t
 
 /* Prefetch `n` rows of `bytes` bytes each, `stride` bytes apart, from p: into L1 by default; into L2 where the
    build sets ATTN_PREFETCH_LOCALITY 2 (native.py, on AMD: Zen 4, the C decode step with the two builds
-   alternated in one process, three rounds, Qwen3-0.6B int8 a8 -1.7 to -4.7 %, int4 a8 0 to -4.8 %, SmolLM2-135M
+   alternated in one process, three rounds, Qwen3-0.6B int8 a8 -1.7 to -5.4 %, int4 a8 0 to -4.8 %, SmolLM2-135M
    -2.6 / -4.1 %). */
 #ifndef ATTN_PREFETCH_LOCALITY
 #define ATTN_PREFETCH_LOCALITY 3

@@ -193,13 +193,18 @@ def test_the_avx2_build_matches_reference(lib, tmp_path, vnni: bool) -> None:
             assert_matches(got, reference(x, buf, shape, bias, int8), term_scale(x, buf, shape, bias), what)
 
 
-@pytest.mark.parametrize("prefetch", [[], ["-DQ_PREFETCH=1024", "-DQ_PREFETCH_F32=0"], ["-DQ_PREFETCH=0"]],
-                         ids=["intel-distances", "amd-distances", "off"])
-def test_prefetch_distances_leave_results_unchanged(lib, tmp_path, prefetch: list[str]) -> None:
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD", None], ids=["intel-distances", "amd-distances", "off"])
+def test_prefetch_distances_leave_results_unchanged(lib, tmp_path, monkeypatch: pytest.MonkeyPatch, vendor: str | None) -> None:
     """The per-vendor prefetch distances (native._prefetch_flags) only move loads earlier: a build with each
-    gives this machine's build's outputs bit for bit, on every kernel path (one and several rows, both bits,
-    both activation types)."""
-    arch = [f for f in native._arch_flags() if not f.startswith(("-DQ_PREFETCH", "-DATTN_PREFETCH"))]
+    vendor's (or with prefetch off) gives this machine's build's outputs bit for bit, on every kernel path (one
+    and several rows, both bits, both activation types)."""
+    own = native._prefetch_flags()
+    arch = [f for f in native._arch_flags() if f not in own]
+    if vendor is None:
+        prefetch = ["-DQ_PREFETCH=0", "-DQ_PREFETCH_F32=0"]
+    else:
+        monkeypatch.setattr(native, "_cpu_vendor", lambda: vendor)
+        prefetch = native._prefetch_flags()
     target = tmp_path / "nanoserve_kernels_prefetch.so"
     native._compile(native._compiler(), native._FLAGS + arch + prefetch, target)
     other = ctypes.CDLL(str(target))
