@@ -151,6 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "qk_norm_rope_store_f32": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
         "silu_mul_f32": [ptr, i64, i64, ptr],
         "apply_token_bitmask_f32": [ptr, i64, ptr, i64, ptr, i64, i64],
+        "argmax_rows_f32": [ptr, i64, i64, i64, ptr],
         "paged_decode_attention_f32": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr],
         "paged_decode_attention_f16kv": [ptr, i64, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, f32, i64, f32, ptr],
         "qk_norm_rope_store_f16kv": [ptr, i64, i64, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, f32, ptr, ptr, ptr],
@@ -273,6 +274,15 @@ def apply_token_bitmask(lib: ctypes.CDLL, logits: torch.Tensor, rows: list[int],
     assert len(rows) == 0 or 0 <= int(index.min()) and int(index.max()) < logits.shape[0]
     lib.apply_token_bitmask_f32(logits.data_ptr(), logits.stride(0), index.data_ptr(), len(rows),
                                 bitmask.data_ptr(), bitmask.shape[1], logits.shape[1])  # fmt: skip
+
+
+def argmax_rows(lib: ctypes.CDLL, x: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest value of ``x`` ([N, V] float32 on CPU, rows contiguous), the first of
+    ties, a NaN counting as the largest: what ``x.argmax(dim=-1)`` returns."""
+    assert x.dim() == 2 and x.stride(1) == 1 and x.dtype == torch.float32 and x.shape[1] > 0
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    lib.argmax_rows_f32(x.data_ptr(), x.shape[0], x.shape[1], x.stride(0), out.data_ptr())
+    return out
 
 
 def paged_decode_attention(

@@ -353,6 +353,37 @@ def test_pack_weight_recognises_onednn_layout_and_uses_the_native_kernel(lib) ->
         torch.testing.assert_close(packed_linear(x, packed, None), F.linear(x, weight), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("vocab", [1, 7, 16, 333, 65_536 * 4 + 13, 151_936])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_argmax_rows_equals_torch_argmax(lib, vocab: int, threads: int) -> None:
+    """The greedy pick against torch.argmax on rows of every kind: distinct values, many-way ties (also across the
+    threads' shares of a long row and across the eight lanes), NaN (first lane, inside, in the tail, in a later
+    share than a larger number), -inf, all equal; strided rows; rows shorter than a vector and odd lengths."""
+    g = gen(vocab + threads)
+    wide = torch.randn(12, vocab + 5, generator=g)
+    x = wide[:, 2 : 2 + vocab]  # rows vocab + 5 apart
+    x[1] = torch.randint(0, 3, (vocab,), generator=g).float()  # ties for the maximum everywhere
+    x[2] = 0.0
+    x[3, -1] = 1e9  # the last value, in the tail after the lanes
+    x[4, vocab // 2 :] = x[4, : vocab - vocab // 2].max()  # the maximum again in the second share
+    if vocab > 1:
+        x[5, vocab - 1], x[5, vocab // 3] = float("nan"), float("nan")  # the first NaN wins, not the last
+        x[6, vocab // 2], x[6, 0] = float("nan"), 1e9  # a larger number first, a NaN later
+    x[7, 0] = float("nan")
+    x[8] = float("-inf")
+    x[9, 3 * vocab // 4 :] = float("-inf")
+    x[10, -3:] = float("nan")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the kernel splits a long row into a share per thread
+    try:
+        got = native.argmax_rows(lib, x)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, x.argmax(dim=-1)), (got.tolist(), x.argmax(dim=-1).tolist())
+    if vocab > 16:
+        assert len(set(got.tolist())) > 4  # the rows really differ
+
+
 @pytest.mark.parametrize("vocab,rows", [(151_936, [0, 3, 5]), (1000, [1]), (333, [2, 0, 4, 1])])
 def test_apply_token_bitmask_equals_the_torch_path(lib, vocab: int, rows: list[int]) -> None:
     """The constrained-decoding mask in place over the listed rows: the same -inf cells as the torch
