@@ -165,6 +165,40 @@ class ModelRunner:
     def _prepare(
         self, chunks: list[ScheduledChunk]
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, np.ndarray]:
+        """(input ids, positions, attention metadata, rows to sample, each chunk's first row) of one step."""
+        if all(len(c.token_ids) == 1 and c.start > 0 for c in chunks):
+            return self._prepare_decode(chunks)
+        return self._prepare_mixed(chunks)
+
+    def _prepare_decode(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, np.ndarray]:
+        """:meth:`_prepare_mixed`'s result for a step of single-token decodes only (every step of a steady batch),
+        from Python lists: the chunks keep their order and each is one row. The general path's token
+        bookkeeping cost ~0.14 ms of a batch-1 step on a 2-core host, 5 % of a SmolLM2-135M int4 step."""
+        bs = self.block_size
+        tables = [self.block_tables[c.seq_id] for c in chunks]
+        table_array = np.zeros((len(chunks), max(map(len, tables))), dtype=np.int64)
+        for row, t in enumerate(tables):
+            table_array[row, : len(t)] = t
+        starts = [c.start for c in chunks]
+        dev = self.device
+        positions = torch.tensor(starts, dtype=torch.int64)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor([t[p // bs] * bs + p % bs for t, p in zip(tables, starts)], device=dev),
+            num_decode_tokens=len(chunks),
+            decode_block_tables=torch.from_numpy(table_array).to(dev),
+            decode_context_lens=(positions + 1).to(dev),
+            decode_max_context=max(starts) + 1,
+            prefill_query_starts=[], prefill_query_lens=[], prefill_context_lens=[], prefill_block_tables=[],
+        )  # fmt: skip
+        sample_rows = torch.tensor([i for i, c in enumerate(chunks) if c.sample], dtype=torch.int64, device=dev)
+        input_ids = torch.tensor([c.token_ids[0] for c in chunks], dtype=torch.int64, device=dev)
+        return input_ids, positions.to(dev), meta, sample_rows, np.arange(len(chunks), dtype=np.int64)
+
+    def _prepare_mixed(
+        self, chunks: list[ScheduledChunk]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor, np.ndarray]:
         bs = self.block_size
         # Decodes first so attention can batch them; remember where each chunk's last token lands.
         decode = [i for i, c in enumerate(chunks) if len(c.token_ids) == 1 and c.start > 0]
