@@ -35,7 +35,7 @@ def _assert_same(a: tuple, b: tuple) -> None:
 
 def test_decode_steps_take_the_fast_path_and_build_what_the_general_path_builds() -> None:
     rng = random.Random(0)
-    for trial in range(200):
+    for _ in range(200):
         block_size = rng.choice([1, 4, 16])
         n = rng.randint(1, 9)
         tables, chunks = {}, []
