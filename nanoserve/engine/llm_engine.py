@@ -23,7 +23,7 @@ from nanoserve.engine.sequence import Sequence
 from nanoserve.engine.step import RunnerOutput, SchedulerOutput, StepInput
 from nanoserve.engine.structured_output import GrammarCompiler
 from nanoserve.kvcache.block_manager import BlockManager
-from nanoserve.layers.sampler import Sampler
+from nanoserve.layers.sampler import Sampler, SamplerOutput
 from nanoserve.outputs import RequestOutput
 from nanoserve.sampling_params import SamplingParams
 
@@ -216,8 +216,12 @@ class LLMEngine:
         """Schedule, run, sample, apply. Returns outputs of the requests that changed (by their output kind)."""
         out = self.scheduler.schedule()
         sampling = out.sampling_seqs
-        ran = self.executor.execute(out.step_input()) if out.chunks or out.released_seq_ids else RunnerOutput()
-        sampled = self.sampler(ran.logits, sampling) if sampling else None
+        step_input = out.step_input(greedy=bool(sampling) and self.sampler.plain_greedy(sampling))
+        ran = self.executor.execute(step_input) if out.chunks or out.released_seq_ids else RunnerOutput()
+        if ran.token_ids is not None:  # the runner took the argmax itself (a plain greedy step)
+            sampled = SamplerOutput(ran.token_ids, [None] * len(sampling))
+        else:
+            sampled = self.sampler(ran.logits, sampling) if sampling else None
         advanced = self.scheduler.update_from_output(out, sampled.token_ids if sampled else [])
         self.output_processor.add_prompt_logprobs(ran.prompt_logprobs, out.seqs)
         done = self.output_processor.process(advanced, sampled.logprobs if sampled else None, out.out_of_capacity)

@@ -47,6 +47,9 @@ class StepInput:
     chunks: list[ScheduledChunk]
     released_seq_ids: list[int]
     report_tables: bool = False
+    # Every sampling chunk takes the plain argmax of its logits (Sampler.plain_greedy): rank 0 may return the
+    # tokens instead of the logits (RunnerOutput.token_ids).
+    greedy: bool = False
 
 
 @dataclass
@@ -71,6 +74,9 @@ class RunnerOutput:
     logits: Any = None  # torch.Tensor | None
     num_block_tables: list[int] | None = None
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
+    # For a greedy step the C decode step ran through to the argmax: the sampling chunks' next tokens, in chunk
+    # order, and no logits.
+    token_ids: list[int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,5 +113,5 @@ class SchedulerOutput:
     def sampling_seqs(self) -> list[Sequence]:
         return [s for c, s in zip(self.chunks, self.seqs) if c.sample]
 
-    def step_input(self) -> StepInput:
-        return StepInput(self.chunks, self.released_seq_ids)
+    def step_input(self, greedy: bool = False) -> StepInput:
+        return StepInput(self.chunks, self.released_seq_ids, greedy=greedy)

@@ -37,6 +37,7 @@ void q_linear_f32_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_
                        const float *x, int64_t M, int64_t x_stride, const float *bias, float *y);
 void q_linear_i8_team(const uint8_t *w, int64_t N, int64_t K, int64_t G, int64_t bits, int64_t asym,
                       const float *x, int64_t M, int64_t x_stride, const float *bias, float *y);
+void argmax_rows_team(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out);
 
 enum { DK_LOWBIT_F32 = 0, DK_LOWBIT_I8 = 1, DK_PACKED_F32 = 2 };
 
@@ -66,6 +67,15 @@ typedef struct {
     int64_t kv_half;                     /* 1: the caches hold float16 (kv_cache_dtype float16) */
 } dk_model;
 
+/* The greedy head a step may end with: the model's final norm, the LM head (N rows, of which the first `vocab`
+   are the vocabulary) and each row's argmax. */
+typedef struct {
+    dk_linear lm_head;
+    const float *norm;
+    float eps;
+    int64_t vocab;
+} dk_head;
+
 /* A team's share of one projection. */
 static void dk_project(const dk_linear *l, const float *x, int64_t T, float *y) {
     if (l->kind == DK_PACKED_F32)
@@ -77,7 +87,10 @@ static void dk_project(const dk_linear *l, const float *x, int64_t T, float *y) 
 }
 
 /* x: [T, hidden] the embeddings in; on return the last layer's MLP output, and residual [T, hidden] the
-   residual stream beside it (the caller applies the final norm to x + residual, as the model does).
+   residual stream beside it (the caller applies the final norm to x + residual, as the model does). With a
+   `head` (else NULL), the step goes on to the next tokens: logits [T, head->lm_head.N] (scratch) from the final
+   norm of x + residual, and tokens[t] = the argmax of row t's first head->vocab logits, the same kernels and
+   order as the model's norm, compute_logits and the sampler's greedy pick (residual becomes x + residual).
    Token t decodes at positions[t] into cache slot slots[t], attending to its sequence's context_lens[t]
    tokens through block table row t (table_stride apart). Returns 0, or -1 when scratch memory ran out.
 
@@ -87,7 +100,7 @@ static void dk_project(const dk_linear *l, const float *x, int64_t T, float *y) 
    them), so no thread waits there. Thread 0's residual copy is the caller's buffer. */
 int decoder_decode_step_f32(const dk_model *m, float *x, float *residual, int64_t T, const int64_t *positions,
                             const int64_t *slots, const int64_t *block_tables, int64_t table_stride,
-                            const int64_t *context_lens) {
+                            const int64_t *context_lens, const dk_head *head, float *logits, int64_t *tokens) {
     const int64_t H = m->hidden, D = m->head_dim, Hq = m->num_heads, Hkv = m->num_kv_heads;
     const int64_t qkv_size = (Hq + 2 * Hkv) * D, inter = m->intermediate;
     float *qkv = malloc(sizeof(float) * (size_t)(T * qkv_size));
@@ -128,6 +141,11 @@ int decoder_decode_step_f32(const dk_model *m, float *x, float *residual, int64_
                 dk_project(&l->gate_up, h, T, gate_up);
                 silu_mul_f32_team(gate_up, T, inter, act);
                 dk_project(&l->down, act, T, x);
+            }
+            if (status == 0 && head != NULL) {
+                add_rms_norm_f32_serial(x, H, own, head->norm, head->eps, T, H, h);
+                dk_project(&head->lm_head, h, T, logits);
+                argmax_rows_team(logits, T, head->vocab, head->lm_head.N, tokens);
             }
             free(h);
             if (me != 0) free(own);

@@ -20,6 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.tp = tp
         self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
         self.shard_size = -(-vocab_size // tp.size)  # pad so every rank holds the same count
         self.vocab_start = tp.rank * self.shard_size
         # Rows of the shard that hold real tokens (the last rank's tail is padding; a rank may hold none).

@@ -290,29 +290,36 @@ static argmax_part argmax_span(const float *x, int64_t lo, int64_t hi) {
     return r;
 }
 
-void argmax_rows_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
-    const int threads = n >= 4 * PAR_MIN_ELEMS ? omp_get_max_threads() : 1;
-    argmax_part *parts = malloc(sizeof(argmax_part) * (size_t)threads);
+/* A team's share of argmax_rows_f32 (see quant_kernels.c on "_team" forms): every thread scans its share of each
+   row, then the shares' winners are combined, row by row, in thread order. Ends in a barrier. */
+void argmax_rows_team(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
+    const int me = omp_get_thread_num(), nth = omp_get_num_threads();
+    argmax_part *parts;
+    #pragma omp single copyprivate(parts)
+    parts = malloc(sizeof(argmax_part) * (size_t)(rows * nth));
+    const int64_t lo = n * me / nth, hi = n * (me + 1) / nth;
+    for (int64_t r = 0; r < rows; r++)
+        parts[r * nth + me] = hi > lo ? argmax_span(x + r * stride, lo, hi) : (argmax_part){0.f, -1, -1};
+    #pragma omp barrier
+    #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; r++) {
-        const float *row = x + r * stride;
-        #pragma omp parallel num_threads(threads)
-        {
-            const int me = omp_get_thread_num(), nth = omp_get_num_threads();
-            const int64_t lo = n * me / nth, hi = n * (me + 1) / nth;
-            if (hi > lo) parts[me] = argmax_span(row, lo, hi);
-            else parts[me] = (argmax_part){0.f, -1, -1};
-        }
         int64_t best = -1, nan = -1;
         float value = 0.f;
-        for (int t = 0; t < threads; t++) {  /* in order: the first NaN, else the first of the largest */
-            const argmax_part p = parts[t];
+        for (int t = 0; t < nth; t++) {  /* in order: the first NaN, else the first of the largest */
+            const argmax_part p = parts[r * nth + t];
             if (p.index < 0) continue;
             if (p.first_nan >= 0 && nan < 0) nan = p.first_nan;
             if (best < 0 || p.value > value) { value = p.value; best = p.index; }
         }
         out[r] = nan >= 0 ? nan : best;
     }
-    free(parts);
+    #pragma omp single nowait
+    free(parts);  /* after the combine's barrier: every thread is done with it */
+}
+
+void argmax_rows_f32(const float *x, int64_t rows, int64_t n, int64_t stride, int64_t *out) {
+    #pragma omp parallel if (n >= 4 * PAR_MIN_ELEMS)
+    argmax_rows_team(x, rows, n, stride, out);
 }
 
 /* Query heads sharing a KV head (grouped-query attention) are taken two at a time where the vector unit has 32

@@ -178,6 +178,17 @@ class Sampler:
         self._seq_generators.pop(seq_id, None)
         self._penalty_states.pop(seq_id, None)
 
+    @staticmethod
+    def plain_greedy(seqs: list[Sequence]) -> bool:
+        """Whether every row's token is the plain argmax of its logits: greedy, and nothing below edits the
+        logits or reads them (penalties, logit_bias / allowed_token_ids / bad_words, min_tokens holding stop
+        tokens back, a grammar, log-probabilities). Such a step may take its tokens from the runner."""
+        return all(
+            s.params.greedy and not s.params.has_penalties and not s.params.restricts_tokens
+            and s.params.logprobs is None and s.grammar is None and s.num_output_tokens >= s.params.min_tokens
+            for s in seqs
+        )  # fmt: skip
+
     # The runner returns logits made under inference_mode (inference tensors); penalties and min_tokens
     # masking edit them in place, which torch only allows inside inference_mode too.
     @torch.inference_mode()

@@ -53,9 +53,13 @@ class _Model(ctypes.Structure):
     ]  # fmt: skip
 
 
+class _Head(ctypes.Structure):
+    _fields_ = [("lm_head", _Linear), ("norm", _ptr), ("eps", _f32), ("vocab", _i64)]
+
+
 def _declare(lib: ctypes.CDLL) -> Any:
     fn = lib.decoder_decode_step_f32
-    fn.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr]
+    fn.argtypes = [ctypes.POINTER(_Model), _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _i64, _ptr, ctypes.POINTER(_Head), _ptr, _ptr]
     fn.restype = ctypes.c_int
     return fn
 
@@ -63,26 +67,58 @@ def _declare(lib: ctypes.CDLL) -> Any:
 def _describe_linear(module: LinearBase) -> tuple[_Linear, int] | None:
     """The projection as the C loop sees it, and the most rows its kernel takes there (None: it cannot)."""
     bias = module.bias.data_ptr() if module.bias is not None else None
-    if module.quant is not None:
-        q = module.quant
+    packed = module.packed if module.quant is not None else None
+    return _describe(module.quant, packed, module.packed_weight, bias, module.in_features)
+
+
+def _describe(quant: Any, packed: torch.Tensor | None, packed_weight: Any, bias: int | None, in_features: int) -> tuple[_Linear, int] | None:
+    """A weight in nanoserve's low-bit layout (``quant``, codes in ``packed``) or in the float32 packed layout
+    (``packed_weight``) as a _Linear, and the most rows its kernel takes (None: neither applies)."""
+    if quant is not None:
+        q = quant
         s = q.shape
-        if q.kernels is None or q.perm is not None or s.padded_in != module.in_features:
+        if q.kernels is None or q.perm is not None or s.padded_in != in_features:
             return None
         kind = _LOWBIT_I8 if q.int8_activations else _LOWBIT_F32
         # float32 activations: from 16 rows on, the layer widens the weights and runs a float GEMM instead
         from nanoserve.quantization.linear import DEQUANT_GEMM_MIN_ROWS
 
         max_rows = 1 << 30 if q.int8_activations else DEQUANT_GEMM_MIN_ROWS - 1
-        desc = _Linear(module.packed.data_ptr(), bias, kind, s.out_features, s.padded_in, s.padded_in,
+        desc = _Linear(packed.data_ptr(), bias, kind, s.out_features, s.padded_in, s.padded_in,
                        s.group_size, s.bits, int(s.asymmetric))  # fmt: skip
         return desc, max_rows
-    packed = module.packed_weight
-    if packed is None or packed.kernels is None or not packed.row_block:
+    if packed_weight is None or packed_weight.kernels is None or not packed_weight.row_block:
         return None
-    max_rows = NATIVE_GEMM_MAX_ROWS if packed.row_block == 64 else native.GEMV_MAX_ROWS
-    kp = packed.padded_in_features or module.in_features
-    desc = _Linear(packed.address, bias, _PACKED_F32, packed.out_features, module.in_features, kp, packed.row_block, 0, 0)
+    max_rows = NATIVE_GEMM_MAX_ROWS if packed_weight.row_block == 64 else native.GEMV_MAX_ROWS
+    kp = packed_weight.padded_in_features or in_features
+    desc = _Linear(packed_weight.address, bias, _PACKED_F32, packed_weight.out_features, in_features, kp,
+                   packed_weight.row_block, 0, 0)  # fmt: skip
     return desc, max_rows
+
+
+class GreedyHead:
+    """The model's final norm, LM head and argmax as the C step sees them (see :func:`plan_greedy_head`)."""
+
+    def __init__(self, desc: _Head, max_rows: int, keep: list) -> None:
+        self.desc = desc
+        self.max_rows = max_rows
+        self.out_features = desc.lm_head.N
+        self._keep = keep  # tensors whose addresses the description holds
+
+
+def plan_greedy_head(lm_head: Any, norm: Any) -> GreedyHead | None:
+    """The greedy head of a model (its ``ParallelLMHead`` and final ``RMSNorm``), or None where the C step cannot
+    run it: a vocabulary split across ranks, a weight only torch reads (an unpacked float32 head), a norm the
+    kernels do not take."""
+    if norm.kernels is None or lm_head.tp.size != 1 or native.load() is None:
+        return None
+    packed = lm_head.packed if lm_head.quant is not None else None
+    described = _describe(lm_head.quant, packed, lm_head.packed_weight, None, lm_head.hidden_size)
+    if described is None or described[0].N < lm_head.vocab_size:
+        return None
+    desc, max_rows = described
+    head = _Head(desc, norm.weight.data_ptr(), norm.eps, lm_head.vocab_size)
+    return GreedyHead(head, max_rows, [packed, norm.weight])
 
 
 class NativeDecode:
@@ -95,6 +131,7 @@ class NativeDecode:
         self.fn = fn
         self._keep = keep  # tensors whose addresses the description holds
         self.steps_run = 0
+        self.greedy_steps_run = 0  # of those, steps that ran through to the greedy tokens
 
     def applies(self, num_tokens: int, meta: attention.AttentionMetadata) -> bool:
         return meta.num_decode_tokens == num_tokens and num_tokens <= self.max_rows
@@ -103,16 +140,33 @@ class NativeDecode:
         """(last layer's output, residual) for the embeddings ``x`` [T, hidden], as the layer loop returns them."""
         x = x.clone(memory_format=torch.contiguous_format)  # written in place
         residual = torch.empty_like(x)
+        self._step(x, residual, positions, meta, None, None, None)
+        return x, residual
+
+    def run_greedy(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata, head: GreedyHead) -> torch.Tensor:
+        """The greedy next token of each row [T] (int64): the step, then the final norm, the LM head and the
+        argmax of each row's logits, the same kernels in the same order as forward, compute_logits and the
+        sampler's argmax_rows."""
+        x = x.clone(memory_format=torch.contiguous_format)
+        residual = torch.empty_like(x)
+        logits = torch.empty((x.shape[0], head.out_features), dtype=torch.float32)
+        tokens = torch.empty(x.shape[0], dtype=torch.int64)
+        self._step(x, residual, positions, meta, ctypes.byref(head.desc), logits.data_ptr(), tokens.data_ptr())
+        self.greedy_steps_run += 1
+        return tokens
+
+    def _step(self, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata,
+              head: Any, logits: int | None, tokens: int | None) -> None:  # fmt: skip
         tables = meta.decode_block_tables
         assert tables.stride(1) == 1 and positions.dtype == torch.int64
         status = self.fn(
             ctypes.byref(self.model), x.data_ptr(), residual.data_ptr(), x.shape[0], positions.data_ptr(),
             meta.slot_mapping.data_ptr(), tables.data_ptr(), tables.stride(0), meta.decode_context_lens.data_ptr(),
+            head, logits, tokens,
         )  # fmt: skip
         if status != 0:
             raise MemoryError("native decode step: could not allocate its scratch buffers")
         self.steps_run += 1
-        return x, residual
 
 
 def enabled() -> bool:

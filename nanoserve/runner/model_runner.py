@@ -125,6 +125,11 @@ class ModelRunner:
         if fresh:
             self._zero_blocks(fresh)
         input_ids, positions, meta, sample_rows, first_rows = self._prepare(step.chunks)
+        if step.greedy and self.tp.size == 1 and len(sample_rows) and not any(c.prompt_logprobs_targets for c in step.chunks):
+            greedy_tokens = getattr(self.model, "greedy_tokens", None)
+            tokens = greedy_tokens(input_ids, positions, meta) if greedy_tokens is not None else None
+            if tokens is not None:  # the whole step and its argmax in one C call
+                return RunnerOutput(None, num_tables, token_ids=tokens[sample_rows].tolist())
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[sample_rows]) if len(sample_rows) else None
         prompt_logprobs = [

@@ -179,3 +179,61 @@ def test_rebound_caches_get_a_new_plan(checkpoints: dict[str, pathlib.Path], mon
             (c.data_ptr(), c.data_ptr() + c[0].numel() * c.element_size()) for c in caches
         ]
         assert got == want
+
+
+@pytest.mark.parametrize(
+    "arch,kwargs",
+    [
+        ("qwen3", {}),
+        ("llama", {}),  # tied embeddings
+        ("qwen2", dict(quantization="int4", quantization_group_size=32)),  # float activations, an int8 LM head
+        ("qwen3", dict(quantization="int8", quantization_activations="int8")),
+        ("llama", dict(quantization="int4", quantization_group_size=32, quantization_activations="int8",
+                       kv_cache_dtype="float16")),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "-".join(f"{k}={x}" for k, x in v.items()) or "fp32",
+)  # fmt: skip
+def test_greedy_steps_take_their_tokens_from_the_c_step(
+    checkpoints: dict[str, pathlib.Path], arch: str, kwargs: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plain greedy requests (no log-probabilities, penalties or grammar) get their tokens from the C step, which
+    runs the final norm, the LM head and the argmax itself: the same tokens as the layer path, whose logits go
+    through the sampler; with prefix caching, chunked prefill and several rows, and the blocks all returned."""
+    if kwargs.get("kv_cache_dtype") == "float16" and not getattr(load_kernels(), "kv_half", False):
+        pytest.skip("no C kernels for float16 caches here (no compiler or no F16C): the C loop declines")
+    greedy = SamplingParams(temperature=0, ignore_eos=True, max_tokens=12)
+    results = []
+    for native in (True, False):
+        monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1" if native else "0")
+        with _threads(2 if native else 1), LLM(str(checkpoints[arch]), **ENGINE, **kwargs) as llm:
+            first = llm.generate([{"prompt_token_ids": PROMPTS[0]}], greedy, use_tqdm=False)
+            rest = llm.generate([{"prompt_token_ids": p} for p in PROMPTS[1:]], greedy, use_tqdm=False)
+            assert sum(o.num_cached_tokens for o in rest) >= 4, "the shared prefix was not served from the cache"
+            assert_all_blocks_free(llm.engine)
+            plan = llm.engine.executor.runner.model.model.native_decode
+            if native:
+                assert plan is not None and plan.greedy_steps_run >= 20 and plan.greedy_steps_run == plan.steps_run
+        results.append([o.outputs[0].token_ids for o in first + rest])
+    assert len({t for seq in results[1] for t in seq}) >= 8, results[1]  # the comparison is not blind
+    assert results[0] == results[1]
+
+
+def test_a_step_that_needs_logits_keeps_the_sampler(checkpoints: dict[str, pathlib.Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request asking for log-probabilities beside a plain greedy one: the steps they share go through the
+    logits and the sampler (log-probabilities as the layer path gives them), the greedy one's later steps through
+    the C step's argmax; the tokens of both are the layer path's."""
+    prompts = [{"prompt_token_ids": PROMPTS[0]}, {"prompt_token_ids": PROMPTS[2]}]
+    params = [SamplingParams(temperature=0, ignore_eos=True, max_tokens=12),
+              SamplingParams(temperature=0, ignore_eos=True, max_tokens=4, logprobs=2)]  # fmt: skip
+    results = []
+    for native in (True, False):
+        monkeypatch.setenv(native_decode.NATIVE_DECODE_ENV, "1" if native else "0")
+        with _threads(2 if native else 1), LLM(str(checkpoints["qwen3"]), **ENGINE) as llm:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            plan = llm.engine.executor.runner.model.model.native_decode
+            if native:
+                # 11 decode steps for the first request, 3 of them beside the second's
+                assert plan is not None and 0 < plan.greedy_steps_run < plan.steps_run
+        results.append([(o.outputs[0].token_ids, [sorted(d.items()) for d in o.outputs[0].logprobs or []]) for o in outs])
+    assert results[1][1][1], "the second request has log-probabilities"
+    assert results[0] == results[1]

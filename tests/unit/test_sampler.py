@@ -415,3 +415,20 @@ def test_argmax_rows_is_argmax_first_of_ties_and_nan() -> None:
     x[3, -1] = 9.0
     assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
     assert argmax_rows(x)[:4].tolist() == [0, 10, 7, 151935]
+
+
+def test_plain_greedy_is_false_for_whatever_edits_or_reads_the_logits() -> None:
+    """The engine takes a step's tokens from the runner's argmax only when the sampler would take the plain
+    argmax too: each of these makes it run the sampler."""
+    def seq(**kwargs: object) -> Sequence:
+        params = SamplingParams(**{"temperature": 0.0, **kwargs})
+        return Sequence(1, "r", 0, [1, 2, 3], 3, params, 0.0)
+
+    assert Sampler.plain_greedy([seq(), seq(top_k=1, temperature=0.7), seq(ignore_eos=True, stop_token_ids=[5])])
+    for kwargs in (dict(temperature=0.7), dict(logprobs=0), dict(repetition_penalty=1.2), dict(presence_penalty=0.5),
+                   dict(frequency_penalty=0.5), dict(logit_bias={4: 1.0}), dict(allowed_token_ids=[1, 2]),
+                   dict(min_tokens=2)):  # fmt: skip
+        assert not Sampler.plain_greedy([seq(), seq(**kwargs)]), kwargs
+    constrained = seq()
+    constrained.grammar = object()
+    assert not Sampler.plain_greedy([constrained])
