@@ -10,6 +10,12 @@ structures; :meth:`NativeDecode.applies` says whether a step can take the C loop
 enough rows for each projection's kernel. Models it cannot describe (tensor parallelism, act-order weights,
 weights oneDNN alone reads, a torch attention backend, Gemma's layers, ...) get no plan and always take the
 per-layer path.
+
+A step whose every row is plain greedy (``Sampler.plain_greedy``) can go further in the same call
+(:meth:`NativeDecode.run_greedy` with the model's :class:`GreedyHead`): the final norm, the LM head and each
+row's argmax, returning the tokens. The logits then never return to Python; a 0.6B step saved ~0.35 ms of
+~14 (the norm and LM-head calls from Python, and the sampler reading 151,936 logits that the LM head's threads
+had left in their caches).
 """
 
 from __future__ import annotations
