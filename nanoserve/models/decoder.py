@@ -241,9 +241,9 @@ class DecoderModel(nn.Module):
         return x
 
     def greedy_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata, head: GreedyHead) -> torch.Tensor | None:
-        """Each row's greedy next token, the step and ``head`` in one C call; None where that call does not apply
-        (the caller then runs forward and the LM head)."""
-        if not input_ids.is_cpu or self.embed_scale is not None or input_ids.shape[0] > head.max_rows:
+        """Each row's greedy next token (``input_ids`` on CPU), the step and ``head`` in one C call; None where that
+        call does not apply (the caller then runs forward and the LM head)."""
+        if self.embed_scale is not None or input_ids.shape[0] > head.max_rows:
             return None
         fast = self._native_decode_plan()
         if fast is None or not fast.applies(input_ids.shape[0], meta):

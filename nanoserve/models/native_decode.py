@@ -108,7 +108,6 @@ class GreedyHead:
     def __init__(self, desc: _Head, max_rows: int, keep: list) -> None:
         self.desc = desc
         self.max_rows = max_rows
-        self.out_features = desc.lm_head.N
         self._keep = keep  # tensors whose addresses the description holds
 
 
@@ -144,25 +143,22 @@ class NativeDecode:
 
     def run(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         """(last layer's output, residual) for the embeddings ``x`` [T, hidden], as the layer loop returns them."""
-        x = x.clone(memory_format=torch.contiguous_format)  # written in place
-        residual = torch.empty_like(x)
-        self._step(x, residual, positions, meta, None, None, None)
-        return x, residual
+        return self._step(x, positions, meta, None, None, None)
 
     def run_greedy(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata, head: GreedyHead) -> torch.Tensor:
         """The greedy next token of each row [T] (int64): the step, then the final norm, the LM head and the
         argmax of each row's logits, the same kernels in the same order as forward, compute_logits and the
         sampler's argmax_rows."""
-        x = x.clone(memory_format=torch.contiguous_format)
-        residual = torch.empty_like(x)
-        logits = torch.empty((x.shape[0], head.out_features), dtype=torch.float32)
+        logits = torch.empty((x.shape[0], head.desc.lm_head.N), dtype=torch.float32)
         tokens = torch.empty(x.shape[0], dtype=torch.int64)
-        self._step(x, residual, positions, meta, ctypes.byref(head.desc), logits.data_ptr(), tokens.data_ptr())
+        self._step(x, positions, meta, ctypes.byref(head.desc), logits.data_ptr(), tokens.data_ptr())
         self.greedy_steps_run += 1
         return tokens
 
-    def _step(self, x: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata,
-              head: Any, logits: int | None, tokens: int | None) -> None:  # fmt: skip
+    def _step(self, x: torch.Tensor, positions: torch.Tensor, meta: attention.AttentionMetadata, head: Any,
+              logits: int | None, tokens: int | None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        x = x.clone(memory_format=torch.contiguous_format)  # written in place
+        residual = torch.empty_like(x)
         tables = meta.decode_block_tables
         assert tables.stride(1) == 1 and positions.dtype == torch.int64
         status = self.fn(
@@ -173,6 +169,7 @@ class NativeDecode:
         if status != 0:
             raise MemoryError("native decode step: could not allocate its scratch buffers")
         self.steps_run += 1
+        return x, residual
 
 
 def enabled() -> bool:
